@@ -1,0 +1,178 @@
+"""The MARJARA decoder-only transformer: pre-norm blocks of GQA attention and SwiGLU / MoE."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from marjara.attention import Attention, RMSNorm
+from marjara.cache import KVCache
+from marjara.config import ModelConfig
+from marjara.errors import MarjaraError
+from marjara.ffn import MoEFeedForward, SwiGLU
+from marjara.rope import RotaryEmbedding
+
+EXPERT_PARAM_MARKER = "deepspeed_experts"
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.is_moe = config.is_moe_layer(layer)
+        self.ffn = MoEFeedForward(config) if self.is_moe else SwiGLU(config.d_model, config.ffn_hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None):
+        """Returns (x, aux_loss, expert_counts); the last two are empty tensors in dense blocks."""
+        x = x + self.dropout(self.attn(self.attn_norm(x), rotary, cache, self.layer))
+        if self.is_moe:
+            out, aux_loss, counts = self.ffn(self.ffn_norm(x))
+        else:
+            out, aux_loss, counts = self.ffn(self.ffn_norm(x)), x.new_zeros(()), x.new_zeros(0)
+        return x + self.dropout(out), aux_loss, counts
+
+
+class MarjaraModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        if config.use_moe:
+            _prepare_expert_parallelism(config)
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.emb_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # Residual-branch outputs scaled by 1/sqrt(2 * n_layers) (GPT-2): the residual stream's
+        # variance then stays independent of depth at init.
+        scaled_std = config.init_std / math.sqrt(2 * config.n_layers)
+        for name, param in self.named_parameters():
+            if name.endswith(("attn.wo.weight", "w_down.weight")):
+                nn.init.normal_(param, mean=0.0, std=scaled_std)
+        if config.use_moe:
+            for module in self.modules():
+                if hasattr(module, "set_deepspeed_parallelism"):
+                    module.set_deepspeed_parallelism()
+        # Set by a trainer: checkpoint_fn(function, *args) recomputes `function` in backward.
+        self.checkpoint_fn: Callable | None = None
+        self.last_aux_loss: torch.Tensor | None = None
+        self.last_expert_counts: dict[int, torch.Tensor] = {}
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    # ---- forward ------------------------------------------------------------------------
+    def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d_model); records the MoE aux loss and expert counts."""
+        B, T = idx.shape
+        if positions is None:
+            positions = torch.arange(T, device=idx.device).expand(B, T)
+        rotary = self.rotary(positions)
+        if cache is not None:
+            cache.begin_step(positions)
+        x = self.emb_dropout(self.tok_emb(idx))
+        aux_losses, self.last_expert_counts = [], {}
+        for block in self.blocks:
+            if self.checkpoint_fn is not None and self.training and cache is None:
+                x, aux_loss, counts = self.checkpoint_fn(block, x, rotary)
+            else:
+                x, aux_loss, counts = block(x, rotary, cache)
+            if block.is_moe:
+                aux_losses.append(aux_loss)
+                self.last_expert_counts[block.layer] = counts.detach()
+        self.last_aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
+        return self.norm(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """idx, targets: (B, T) token ids (targets -1 are ignored). Returns (logits, loss);
+        loss is cross-entropy plus aux_loss_coef x the summed MoE aux losses, None without targets."""
+        logits = self.lm_head(self.hidden_states(idx))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        if self.last_aux_loss is not None:
+            loss = loss + self.config.aux_loss_coef * self.last_aux_loss
+        return logits, loss
+
+    # ---- sizes --------------------------------------------------------------------------
+    def _counts(self) -> tuple[int, int, int]:
+        """(embedding, dense non-embedding, expert params of the whole layer set), counting the
+        experts held by other expert-parallel ranks too."""
+        embedding = self.tok_emb.weight.numel()
+        if not self.config.tie_embeddings:
+            embedding += self.lm_head.weight.numel()
+        expert = dense = 0
+        for name, param in self.named_parameters():
+            if name in ("tok_emb.weight", "lm_head.weight"):
+                continue
+            if EXPERT_PARAM_MARKER in name:
+                expert += _full_numel(param) * self.config.ep_size
+            else:
+                dense += _full_numel(param)
+        return embedding, dense, expert
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        embedding, dense, expert = self._counts()
+        return dense + expert + (embedding if include_embeddings else 0)
+
+    def num_active_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameters a token passes through: top_k of each MoE layer's experts."""
+        embedding, dense, expert = self._counts()
+        active_expert = expert * self.config.top_k // self.config.num_experts if self.config.use_moe else 0
+        return dense + active_expert + (embedding if include_embeddings else 0)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM's convention: 6 x active matmul
+        parameters (the output projection included) + 12 x layers x d_model x seq_len for attention."""
+        c = self.config
+        matmul_params = self.num_active_parameters(include_embeddings=False) + c.vocab_size * c.d_model
+        return 6.0 * matmul_params + 12.0 * c.n_layers * c.d_model * seq_len
+
+    # ---- generation ---------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, **sampling) -> list[list[int]]:
+        from marjara.sampling import generate
+
+        return generate(self, prompts, max_new_tokens, **sampling)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        c, weight = self.config, self.tok_emb.weight
+        return KVCache(c.n_layers, batch_size, max_len, c.n_kv_heads, c.head_dim, weight.dtype, weight.device)
+
+    @classmethod
+    def from_pretrained(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        from marjara.pretrained import load_pretrained
+
+        return load_pretrained(path, device=device, dtype=dtype)
+
+
+def _full_numel(param: torch.Tensor) -> int:
+    # Under ZeRO-3 a parameter's local tensor is a shard; ds_numel holds its full size.
+    return getattr(param, "ds_numel", param.numel())
+
+
+def _prepare_expert_parallelism(config: ModelConfig) -> None:
+    """DeepSpeed's MoE layers need a process group; make one when running without a launcher."""
+    from marjara.distributed import ensure_process_group, world_size
+
+    ensure_process_group()
+    if world_size() % config.ep_size:
+        raise MarjaraError(
+            f"ep_size ({config.ep_size}) must divide the number of ranks ({world_size()}); "
+            f"launch a multiple of {config.ep_size} ranks or lower --ep_size"
+        )
