@@ -1,0 +1,188 @@
+"""Raw text inputs: finding them, cutting them into chunks for parallel work, reading documents.
+
+A `.txt` file is one document. A `.jsonl` file holds one document per line, in its "text" field
+(blank lines are skipped; a line that is not a JSON object with a string "text" is an error).
+
+Invalid UTF-8 policy: input must be valid UTF-8. A file that is not stops the run with one line
+naming the file, the line and the byte offset, and nothing is written; re-encode it (e.g.
+`iconv -f latin1 -t utf-8`) or drop it. Silently replacing bytes would put U+FFFD tokens into the
+training stream that no one asked for; failing early costs one re-run.
+
+Big `.txt` files are cut at points where the tokenizer's pre-tokenisation splits anyway (after a
+newline followed by a printable ASCII character, else before a space between an ASCII character
+and a letter), so chunks tokenise exactly as the whole file would. Only a file with no such point
+in several MiB (e.g. unbroken CJK text) is cut at a character boundary instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from marjara.errors import MarjaraError
+
+INPUT_SUFFIXES = (".txt", ".jsonl")
+CHUNK_BYTES = 1 << 20
+_SCAN_BLOCK = 1 << 16
+_MAX_TXT_SCAN = 1 << 22
+_TXT_SPLIT = re.compile(rb"\n(?=[!-~])|(?<=[!-~])(?= [A-Za-z])")
+
+
+class InputError(Exception):
+    """A bad byte range in an input file, raised in worker processes (picklable: plain args)."""
+
+    def __init__(self, path: str, offset: int, reason: str) -> None:
+        super().__init__(path, offset, reason)
+        self.path, self.offset, self.reason = path, offset, reason
+
+    def to_marjara_error(self) -> MarjaraError:
+        return MarjaraError(f"{self.path}, line {line_number(Path(self.path), self.offset)}: {self.reason}")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Bytes [start, stop) of an input file; `last` when it ends the file."""
+
+    path: str
+    start: int
+    stop: int
+    last: bool
+
+    @property
+    def is_jsonl(self) -> bool:
+        return self.path.endswith(".jsonl")
+
+
+def collect_inputs(paths: list[str]) -> list[Path]:
+    """The input files named (folders expand to their .txt/.jsonl files, sorted), all checked."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise MarjaraError(f"input {raw} does not exist")
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix in INPUT_SUFFIXES and p.is_file())
+            if not found:
+                raise MarjaraError(f"input folder {raw} holds no .txt or .jsonl files")
+            files.extend(found)
+        elif path.suffix in INPUT_SUFFIXES:
+            files.append(path)
+        else:
+            raise MarjaraError(
+                f"input {raw}: cannot read {path.suffix or 'a file without extension'}; "
+                "prepare reads .txt and .jsonl files and folders of them"
+            )
+    for path in files:
+        if path.stat().st_size == 0:
+            raise MarjaraError(f"input {path} is empty; remove it or give it text")
+    return files
+
+
+def plan_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
+    """Consecutive chunks of about chunk_bytes covering the file, each ending at a safe cut."""
+    size = path.stat().st_size
+    jsonl = path.suffix == ".jsonl"
+    with open(path, "rb") as f:
+        start = 0
+        while start < size:
+            stop = _next_cut(f, start + chunk_bytes, size, jsonl)
+            yield Chunk(str(path), start, stop, stop == size)
+            start = stop
+
+
+def _next_cut(f: BinaryIO, target: int, size: int, jsonl: bool) -> int:
+    if target >= size:
+        return size
+    f.seek(target - 1)  # one byte back: the lookbehind of the split pattern, or a newline
+    buf = b""
+    while len(buf) < _MAX_TXT_SCAN or jsonl:
+        block = f.read(_SCAN_BLOCK)
+        if not block:
+            return size
+        searched_to = max(0, len(buf) - 1)  # re-check the last byte: it may now have its lookahead
+        buf += block
+        if jsonl:
+            newline = buf.find(b"\n", searched_to)
+            if newline >= 0:
+                return target - 1 + newline + 1
+        else:
+            match = _TXT_SPLIT.search(buf, searched_to)
+            if match and match.end() < len(buf):
+                return target - 1 + match.end()
+    # no safe cut nearby: cut at the next UTF-8 character boundary (skip continuation bytes)
+    f.seek(target)
+    cut = target
+    while cut < size and 0x80 <= f.read(1)[0] < 0xC0:
+        cut += 1
+    return cut
+
+
+def read_chunk(chunk: Chunk) -> bytes:
+    with open(chunk.path, "rb") as f:
+        f.seek(chunk.start)
+        return f.read(chunk.stop - chunk.start)
+
+
+def chunk_documents(chunk: Chunk) -> list[str]:
+    """The texts in a chunk: a piece of one .txt document, or the documents of whole .jsonl lines."""
+    data = read_chunk(chunk)
+    if not chunk.is_jsonl:
+        return [decode_utf8(data, chunk.path, chunk.start)]
+    texts = []
+    offset = chunk.start
+    for line in data.split(b"\n"):
+        if line.strip():
+            texts.append(_jsonl_text(line, chunk.path, offset))
+        offset += len(line) + 1
+    return texts
+
+
+def _jsonl_text(line: bytes, path: str, offset: int) -> str:
+    text = decode_utf8(line, path, offset)
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(path, offset, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise InputError(path, offset, 'not a JSON object with a string field "text"')
+    return record["text"]
+
+
+def decode_utf8(data: bytes, path: str, offset: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = offset + exc.start
+        raise InputError(
+            path, at, f"invalid UTF-8 at byte {at} ({exc.reason}); re-encode the file as UTF-8 (e.g. iconv -t utf-8)"
+        ) from None
+
+
+def read_text_file(path: Path) -> str:
+    """A whole .txt file as str, strictly UTF-8; MarjaraError if missing, empty or not UTF-8."""
+    if not path.is_file():
+        raise MarjaraError(f"{path}: no such file")
+    data = path.read_bytes()
+    if not data:
+        raise MarjaraError(f"{path}: the file is empty")
+    try:
+        return decode_utf8(data, str(path), 0)
+    except InputError as exc:
+        raise exc.to_marjara_error() from None
+
+
+def line_number(path: Path, offset: int) -> int:
+    """1-based line of byte `offset` (read in blocks: only used to word an error)."""
+    newlines = 0
+    with open(path, "rb") as f:
+        remaining = offset
+        while remaining > 0:
+            block = f.read(min(remaining, 1 << 20))
+            if not block:
+                break
+            newlines += block.count(b"\n")
+            remaining -= len(block)
+    return newlines + 1
