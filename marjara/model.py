@@ -14,9 +14,8 @@ from marjara.cache import KVCache
 from marjara.config import ModelConfig
 from marjara.errors import MarjaraError
 from marjara.ffn import MoEFeedForward, SwiGLU
+from marjara.param_names import is_expert_param
 from marjara.rope import RotaryEmbedding
-
-EXPERT_PARAM_MARKER = "deepspeed_experts"
 
 
 class Block(nn.Module):
@@ -121,7 +120,7 @@ class MarjaraModel(nn.Module):
         for name, param in self.named_parameters():
             if name in ("tok_emb.weight", "lm_head.weight"):
                 continue
-            if EXPERT_PARAM_MARKER in name:
+            if is_expert_param(name):
                 expert += _full_numel(param) * self.config.ep_size
             else:
                 dense += _full_numel(param)
