@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One node, N ranks: deepspeed --num_gpus N train.py ...
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+usage() {
+  cat <<USAGE
+usage: launch/single_node.sh [--gpus N] [--master_port P] [-- TRAIN_ARGS...]
+
+Starts N ranks on this machine with DeepSpeed's launcher (all GPUs when --gpus is not given).
+Everything after -- goes to train.py unchanged, e.g.
+  launch/single_node.sh --gpus 8 -- --deepspeed_config ds_configs/zero2.json --model_size tiny
+
+  --gpus N          ranks to start (DeepSpeed's --num_gpus)
+  --master_port P   rendezvous port on 127.0.0.1 (default \$MASTER_PORT or 29500)
+Environment: PYTHON, TRAIN_SCRIPT (default train.py), TORCH_EXTENSIONS_DIR.
+USAGE
+}
+
+gpus=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -h | --help) usage; exit 0 ;;
+    --gpus) gpus="$(value_of "$@")"; shift 2 ;;
+    --master_port) MASTER_PORT="$(value_of "$@")"; shift 2 ;;
+    --) shift; break ;;
+    *) die "unknown option $1 (train.py arguments go after --)" ;;
+  esac
+done
+
+cmd=(deepspeed --master_port "$MASTER_PORT")
+if [[ -n "$gpus" ]]; then
+  cmd+=(--num_gpus "$gpus")
+fi
+exec "${cmd[@]}" "$TRAIN_SCRIPT" "$@"
