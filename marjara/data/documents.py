@@ -81,8 +81,9 @@ def collect_inputs(paths: list[str]) -> list[Path]:
     return files
 
 
-def plan_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
-    """Consecutive chunks of about chunk_bytes covering the file, each ending at a safe cut."""
+def plan_chunks(path: Path, chunk_bytes: int | None = None) -> Iterator[Chunk]:
+    """Consecutive chunks of about chunk_bytes (default CHUNK_BYTES) covering the file, each ending at a safe cut."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
     size = path.stat().st_size
     jsonl = path.suffix == ".jsonl"
     with open(path, "rb") as f:

@@ -16,12 +16,15 @@ only): resuming from it on any world size or micro/accum split continues the sam
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from marjara.data.datasets import TokenDataset
 from marjara.errors import MarjaraError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class GlobalSampler:
@@ -64,6 +67,8 @@ class GlobalSampler:
 
 
 def _to_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch  # here, not at the top: python -m marjara.prepare never pays torch's import
+
     x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))
     y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))
     return x, y
