@@ -1,0 +1,49 @@
+"""AdamW parameter groups (decay / no-decay, MoE split) and the warmup + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+BETAS = (0.9, 0.95)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Matrices (linear weights, embeddings) decay; norms' gains and biases do not. MoE expert
+    parameters go into groups of their own, as DeepSpeed's ZeRO requires for expert parallelism."""
+    decay, no_decay = [], []
+    for param in model.parameters():  # each tied parameter appears once
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+    if any(hasattr(p, "allreduce") and not p.allreduce for p in decay + no_decay):
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return [g for g in groups if g["params"]]
+
+
+def build_adamw(groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    fused = torch.cuda.is_available()
+    return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=1e-8, fused=fused)
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr after `step` optimizer steps: linear warmup, then cosine decay
+    to min_ratio at max_steps (and flat after it)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if max_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (max_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int, min_ratio: float):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup_steps, max_steps, min_ratio))

@@ -1,0 +1,24 @@
+"""Pre-train a MARJARA model through the DeepSpeed engine.
+
+    python train.py                                   # tiny preset, built-in corpus, one process
+    deepspeed --num_gpus 8 train.py --deepspeed_config ds_configs/zero2.json --data data/
+    torchrun --nproc_per_node 8 train.py --deepspeed_config ds_configs/zero3.json ...
+"""
+
+import sys
+
+import marjara  # noqa: F401  (sets DeepSpeed's accelerator before deepspeed is imported)
+from marjara.errors import cli_entry
+from marjara.train_args import parse_args
+
+
+@cli_entry
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from marjara.trainer import Learner
+
+    return Learner(args).fit()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
