@@ -8,7 +8,6 @@ REPO_DIR="$(dirname "$LAUNCH_DIR")"
 PYTHON="${PYTHON:-python}"
 # Another entry point may be launched the same way (the tests launch a small probe script).
 TRAIN_SCRIPT="${TRAIN_SCRIPT:-$REPO_DIR/train.py}"
-MASTER_PORT="${MASTER_PORT:-29500}"
 # TORCH_EXTENSIONS_DIR (DeepSpeed's JIT-built ops) is left as the user set it, and handed on to
 # remote ranks as it is: a rank that sees another directory, or another ninja on PATH, rebuilds.
 # Giving it a default here would move torch's own default (~/.cache/torch_extensions/py311_cpu).

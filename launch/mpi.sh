@@ -37,13 +37,14 @@ ssh_port=""
 world_size=""
 user_launcher_args=""
 ssh_check=1
+master_port="${MASTER_PORT:-29500}"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h | --help) usage; exit 0 ;;
     --launcher) launcher="$(value_of "$@")"; shift 2 ;;
     --hostfile) hostfile="$(value_of "$@")"; shift 2 ;;
     --master_addr) master_addr="$(value_of "$@")"; shift 2 ;;
-    --master_port) MASTER_PORT="$(value_of "$@")"; shift 2 ;;
+    --master_port) master_port="$(value_of "$@")"; shift 2 ;;
     --ssh_port) ssh_port="$(value_of "$@")"; shift 2 ;;
     --world_size) world_size="$(value_of "$@")"; shift 2 ;;
     --launcher_args) user_launcher_args="$(value_of "$@")"; shift 2 ;;
@@ -68,10 +69,10 @@ checks=(--launcher "$launcher" --hostfile "$hostfile" --env_file "$DS_ENV_FILE" 
 marjara_module marjara.preflight "${checks[@]}"
 
 cmd=(deepspeed --launcher "$launcher" --hostfile "$hostfile"
-  --master_addr "$master_addr" --master_port "$MASTER_PORT" --no_ssh_check)
+  --master_addr "$master_addr" --master_port "$master_port" --no_ssh_check)
 if [[ "$launcher" == openmpi ]]; then
   # DeepSpeed's Open MPI runner sets no rank variables: mpi_env.sh maps Open MPI's own.
-  mpi_args=(-x "MASTER_ADDR=$master_addr" -x "MASTER_PORT=$MASTER_PORT")
+  mpi_args=(-x "MASTER_ADDR=$master_addr" -x "MASTER_PORT=$master_port")
   rsh_args="${PDSH_SSH_ARGS_APPEND:-}${ssh_port:+ -p $ssh_port}"
   [[ -n "$rsh_args" ]] && mpi_args+=(--mca plm_rsh_args "$rsh_args")
   [[ "$user_launcher_args" == *--bind-to* ]] || mpi_args+=(--bind-to none)  # one core per rank starves torch's threads

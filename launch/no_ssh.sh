@@ -24,13 +24,14 @@ USAGE
 hostfile="$LAUNCH_DIR/hostfile"
 node_rank=""
 master_addr=""
+master_port="${MASTER_PORT:-29500}"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h | --help) usage; exit 0 ;;
     --hostfile) hostfile="$(value_of "$@")"; shift 2 ;;
     --node_rank) node_rank="$(value_of "$@")"; shift 2 ;;
     --master_addr) master_addr="$(value_of "$@")"; shift 2 ;;
-    --master_port) MASTER_PORT="$(value_of "$@")"; shift 2 ;;
+    --master_port) master_port="$(value_of "$@")"; shift 2 ;;
     --) shift; break ;;
     *) die "unknown option $1 (train.py arguments go after --)" ;;
   esac
@@ -41,4 +42,4 @@ require --master_addr "$master_addr"
 marjara_module marjara.preflight --launcher no_ssh --hostfile "$hostfile" \
   --node_rank "$node_rank" --master_addr "$master_addr"
 exec deepspeed --hostfile "$hostfile" --no_ssh --node_rank "$node_rank" \
-  --master_addr "$master_addr" --master_port "$MASTER_PORT" "$TRAIN_SCRIPT" "$@"
+  --master_addr "$master_addr" --master_port "$master_port" "$TRAIN_SCRIPT" "$@"

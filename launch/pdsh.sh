@@ -29,12 +29,13 @@ master_addr=""
 ssh_port=""
 world_size=""
 ssh_check=1
+master_port="${MASTER_PORT:-29500}"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h | --help) usage; exit 0 ;;
     --hostfile) hostfile="$(value_of "$@")"; shift 2 ;;
     --master_addr) master_addr="$(value_of "$@")"; shift 2 ;;
-    --master_port) MASTER_PORT="$(value_of "$@")"; shift 2 ;;
+    --master_port) master_port="$(value_of "$@")"; shift 2 ;;
     --ssh_port) ssh_port="$(value_of "$@")"; shift 2 ;;
     --world_size) world_size="$(value_of "$@")"; shift 2 ;;
     --skip_ssh_check) ssh_check=0; shift ;;
@@ -67,6 +68,6 @@ marjara_module marjara.preflight "${checks[@]}"
 
 # The pre-flight check above already tried ssh with PDSH_SSH_ARGS_APPEND, which DeepSpeed's
 # own check ignores.
-cmd=(deepspeed --hostfile "$hostfile" --master_addr "$master_addr" --master_port "$MASTER_PORT" --no_ssh_check)
+cmd=(deepspeed --hostfile "$hostfile" --master_addr "$master_addr" --master_port "$master_port" --no_ssh_check)
 [[ -n "$ssh_port" ]] && cmd+=(--ssh_port "$ssh_port")
 run_child "${cmd[@]}" "$TRAIN_SCRIPT" "$@"

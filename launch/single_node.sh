@@ -17,17 +17,18 @@ USAGE
 }
 
 gpus=""
+master_port="${MASTER_PORT:-29500}"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h | --help) usage; exit 0 ;;
     --gpus) gpus="$(value_of "$@")"; shift 2 ;;
-    --master_port) MASTER_PORT="$(value_of "$@")"; shift 2 ;;
+    --master_port) master_port="$(value_of "$@")"; shift 2 ;;
     --) shift; break ;;
     *) die "unknown option $1 (train.py arguments go after --)" ;;
   esac
 done
 
-cmd=(deepspeed --master_port "$MASTER_PORT")
+cmd=(deepspeed --master_port "$master_port")
 if [[ -n "$gpus" ]]; then
   cmd+=(--num_gpus "$gpus")
 fi

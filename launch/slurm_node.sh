@@ -19,7 +19,7 @@ if [[ -n "${GPUS_PER_NODE:-}" ]]; then
 fi
 master_addr="$(marjara_module marjara.hostfile --from-slurm --out "$hostfile" "${slots[@]}")"
 # The same port on every node, different for jobs that share a node.
-MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+master_port="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 
 exec "$LAUNCH_DIR/no_ssh.sh" --hostfile "$hostfile" --node_rank "$SLURM_NODEID" \
-  --master_addr "$master_addr" --master_port "$MASTER_PORT" -- "$@"
+  --master_addr "$master_addr" --master_port "$master_port" -- "$@"

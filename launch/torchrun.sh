@@ -31,6 +31,7 @@ node_rank=""
 master_addr=""
 backend="static"
 rdzv_id="${SLURM_JOB_ID:-marjara}"
+master_port="${MASTER_PORT:-29500}"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h | --help) usage; exit 0 ;;
@@ -38,7 +39,7 @@ while [[ $# -gt 0 ]]; do
     --nproc_per_node) nproc="$(value_of "$@")"; shift 2 ;;
     --node_rank) node_rank="$(value_of "$@")"; shift 2 ;;
     --master_addr) master_addr="$(value_of "$@")"; shift 2 ;;
-    --master_port) MASTER_PORT="$(value_of "$@")"; shift 2 ;;
+    --master_port) master_port="$(value_of "$@")"; shift 2 ;;
     --rdzv_backend) backend="$(value_of "$@")"; shift 2 ;;
     --rdzv_id) rdzv_id="$(value_of "$@")"; shift 2 ;;
     --) shift; break ;;
@@ -50,7 +51,7 @@ require --nproc_per_node "$nproc"
 require --master_addr "$master_addr"
 
 cmd=(torchrun --nnodes "$nnodes" --nproc_per_node "$nproc" --rdzv_backend "$backend"
-  --rdzv_endpoint "$master_addr:$MASTER_PORT" --rdzv_id "$rdzv_id")
+  --rdzv_endpoint "$master_addr:$master_port" --rdzv_id "$rdzv_id")
 case "$backend" in
   static)
     require --node_rank "$node_rank"
