@@ -48,6 +48,9 @@ class MoEFeedForward(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.moe.deepspeed_moe.ep_group is None:
+            # No DeepSpeed engine attached the expert-parallel group (plain inference, tests).
+            self.moe.set_deepspeed_parallelism()
         return self.moe(x)
 
 

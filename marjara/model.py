@@ -60,10 +60,6 @@ class MarjaraModel(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith(("attn.wo.weight", "w_down.weight")):
                 nn.init.normal_(param, mean=0.0, std=scaled_std)
-        if config.use_moe:
-            for module in self.modules():
-                if hasattr(module, "set_deepspeed_parallelism"):
-                    module.set_deepspeed_parallelism()
         # Set by a trainer: checkpoint_fn(function, *args) recomputes `function` in backward.
         self.checkpoint_fn: Callable | None = None
         self.last_aux_loss: torch.Tensor | None = None

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,11 +39,21 @@ def model_config_from_args(args, data_vocab: int, seq_len: int) -> ModelConfig:
     return ModelConfig.from_preset(args.model_size, **overrides)
 
 
+def quiet_libraries(this_rank: int) -> None:
+    """DeepSpeed logs at INFO on every rank, and torch warns about DeepSpeed's collectives on every
+    call; MARJARA reports progress itself, from rank 0."""
+    import deepspeed
+
+    deepspeed.utils.logger.setLevel(logging.WARNING if this_rank == 0 else logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+
 class Learner:
     def __init__(self, args) -> None:
         self.args = args
         ensure_process_group()
         self.rank, self.world = rank(), world_size()
+        quiet_libraries(self.rank)
         self.has_gpu = torch.cuda.is_available()
         self.settings = resolve_engine_settings(args, self.world, self.has_gpu, args.use_moe)
         self.resume = ckpt.find_resume_point(args.resume) if args.resume else None
