@@ -6,9 +6,11 @@ on the way out (see launch_helpers). The probe (tests/launch_probe.py) joins the
 way train.py does and reports what each rank saw.
 """
 
+import re
+
 import pytest
 
-from launch_helpers import (LAUNCH, MARKER_VAR, describe, launch_env, loopback_sshd, missing_tools, new_marker,
+from launch_helpers import (LAUNCH, MARKER_VAR, REPO, describe, launch_env, loopback_sshd, missing_tools, new_marker,
                             free_port, read_reports, remove_shm_buffers, run_together, warm_shm_op,
                             write_deepspeed_env)
 
@@ -61,13 +63,21 @@ def no_ssh_command(node_rank, port):
             "--master_addr", "127.0.0.1", "--master_port", str(port), "--", *TRAIN_ARGS]
 
 
-def test_no_ssh_two_nodes(job, port):
-    env = launch_env(new_marker(), PROBE_OUT_DIR=str(job / "out"))
-    results = run_together([no_ssh_command(0, port), no_ssh_command(1, port)], [env, env], job, job, 150)
+def test_no_ssh_two_nodes_train(job, port):
+    """The trainer itself across two simulated nodes: world size 2, node ranks 0 and 1, identical weights."""
+    env = launch_env(new_marker(), TRAIN_SCRIPT=str(REPO / "train.py"))
+    train_args = ["--deepspeed_config", str(REPO / "ds_configs" / "zero1.json"), "--model_size", "tiny",
+                  "--max_steps", "4", "--batch_size", "2", "--seq_len", "32", "--out_dir", str(job / "ckpt"),
+                  "--eval_interval", "0", "--save_interval", "0", "--log_interval", "1", "--seed", "3",
+                  "--sample_tokens", "0", "--peak_tflops", "1"]
+    commands = [no_ssh_command(node, port)[:-len(TRAIN_ARGS)] + train_args for node in (0, 1)]
+    results = run_together(commands, [env, env], job, job, 200)
     assert [r.returncode for r in results] == [0, 0], describe(results)
-    reports = read_reports(job / "out")
-    assert_two_ranks(reports)
-    assert {r["local_rank"] for r in reports.values()} == {"0"}
+    for node, result in enumerate(results):
+        assert f"nnodes=2, num_local_procs=1, node_rank={node}" in result.output
+    assert re.search(r"^world_size=2 ", results[0].output, re.MULTILINE)
+    assert "weights identical on all 2 ranks" in results[0].output
+    assert "weights identical" not in results[1].output  # only rank 0 prints
 
 
 def test_no_ssh_failing_rank_stops_both_launchers(job, port):
