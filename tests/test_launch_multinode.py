@@ -6,11 +6,14 @@ on the way out (see launch_helpers). The probe (tests/launch_probe.py) joins the
 way train.py does and reports what each rank saw.
 """
 
+import importlib.util
 import re
+import subprocess
+import sys
 
 import pytest
 
-from launch_helpers import (LAUNCH, MARKER_VAR, REPO, describe, launch_env, loopback_sshd, missing_tools, new_marker,
+from launch_helpers import (LAUNCH, MARKER_VAR, PROBE, REPO, describe, launch_env, loopback_sshd, missing_tools, new_marker,
                             free_port, read_reports, remove_shm_buffers, run_together, warm_shm_op,
                             write_deepspeed_env)
 
@@ -160,3 +163,38 @@ def test_openmpi_two_hosts_through_sshd(job, port, sshd):
     assert {r["local_rank"] for r in reports.values()} == {"0"}
     assert_second_node_came_through_ssh(reports, env)
 
+
+
+NAMESPACE_MPIRUN = """set -euo pipefail
+ip link set lo up
+ip link add marjara0 type veth peer name marjara1
+ip addr add 10.203.0.1/24 dev marjara0
+ip link set marjara0 up
+ip link set marjara1 up
+exec mpirun --allow-run-as-root -n 2 --bind-to none "$PYTHON" "$PROBE" "$@"
+"""
+
+
+def _can_unshare_network() -> bool:
+    if missing_tools("unshare", "ip"):
+        return False
+    return subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(bool(missing_tools("mpirun")), reason="needs an MPI: apt-get install openmpi-bin")
+@pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None, reason="needs mpi4py: pip install .[mpi]")
+@pytest.mark.skipif(not _can_unshare_network(), reason="needs unshare --net (root or CAP_SYS_ADMIN) and iproute2")
+def test_bare_mpirun_uses_deepspeed_mpi_discovery(job):
+    """`mpirun python train.py` with no launcher variables: mpi4py discovery fills them in.
+
+    Discovery takes the master address from `hostname -I`, so it runs in a private network
+    namespace whose only non-loopback address is a veth the test creates: nothing leaves it.
+    """
+    env = launch_env(new_marker(), PROBE_OUT_DIR=str(job / "out"), PYTHON=sys.executable, PROBE=str(PROBE))
+    command = ["unshare", "--net", "bash", "-c", NAMESPACE_MPIRUN, "namespace-mpirun", *TRAIN_ARGS]
+    [result] = run_together([command], [env], job, job, 150)
+    assert result.returncode == 0, describe([result])
+    reports = read_reports(job / "out")
+    assert_two_ranks(reports, node_ranks=None)
+    assert {r["master_addr"] for r in reports.values()} == {"10.203.0.1"}
+    assert sorted(r["local_rank"] for r in reports.values()) == ["0", "1"]
