@@ -1,0 +1,72 @@
+"""Write a .safetensors file piece by piece, so a model never has to be whole in memory.
+
+The header (every tensor's dtype, shape and byte range) is known up front; the file is laid out
+and sized first, then each piece is converted to the file's dtype and written at its place. The
+result is an ordinary safetensors file (little-endian header length, JSON header padded to 8
+bytes, contiguous tensor data) that `safetensors.safe_open` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from marjara.weight_pieces import Coverage, Piece
+
+DTYPE_NAMES = {
+    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _layout(shapes: dict[str, torch.Size], dtype: torch.dtype, metadata: dict[str, str] | None):
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offsets, position = {}, 0
+    for name, shape in shapes.items():
+        size = shape.numel() * itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [position, position + size]}
+        offsets[name] = position
+        position += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded, offsets, position
+
+
+def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, position)
+        data, position = data[written:], position + written
+
+
+def write_pieces(path: str | os.PathLike, shapes: dict[str, torch.Size], pieces: Iterable[Piece],
+                 dtype: torch.dtype, source: str, metadata: dict[str, str] | None = None) -> None:
+    """Write `shapes` (name -> shape, in file order) as `dtype`, filled from `pieces`.
+
+    Raises MarjaraError unless the pieces cover every element of every tensor exactly once.
+    """
+    header, offsets, data_size = _layout(shapes, dtype, metadata)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    coverage = Coverage(shapes, source)
+    fd = os.open(Path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, len(header) + data_size)
+        _pwrite_all(fd, memoryview(header), 0)
+        for piece in pieces:
+            coverage.add(piece)
+            values = piece.values.detach().to(dtype=dtype, device="cpu").contiguous().view(torch.uint8)
+            position = len(header) + offsets[piece.name] + piece.offset * itemsize
+            _pwrite_all(fd, memoryview(values.numpy()), position)
+            del values
+        coverage.check()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
