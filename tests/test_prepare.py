@@ -11,6 +11,7 @@ import pytest
 
 from marjara.data import documents, open_data
 from marjara.errors import MarjaraError
+from marjara.prepare import main as prepare_main
 from marjara.prepare import prepare
 from marjara.tokenizer import get_tokenizer
 
@@ -142,27 +143,30 @@ def _cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Comp
 OFFLINE_PROXY = {"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "",
                  "no_proxy": ""}
 
-# name: (files to create {relative path: bytes}, CLI args ({tmp} is the case's folder), message regex, env)
-BAD_INPUTS = {
+# name: (files to create {relative path: bytes}, CLI args ({tmp} is the case's folder), message regex, env).
+# The issue's list runs through a real interpreter; the rest through main() in this process.
+CLI_BAD_INPUTS = {
     "missing_path": ({}, ["{tmp}/nope.txt"], r"input .*nope.txt does not exist", {}),
     "empty_file": ({"e.txt": b""}, ["{tmp}/e.txt"], r"input .*e.txt is empty", {}),
-    "empty_file_in_folder": ({"f/a.txt": b"text", "f/b.txt": b""}, ["{tmp}/f"], r"input .*f/b.txt is empty", {}),
-    "folder_without_text": ({"f/a.md": b"text"}, ["{tmp}/f"], r"input folder .*f holds no .txt or .jsonl files", {}),
     "unsupported_type": ({"x.bin": b"\0\0"}, ["{tmp}/x.bin"], r"cannot read .bin; prepare reads .txt and .jsonl", {}),
     "invalid_utf8_txt": ({"ok.txt": b"fine", "bad.txt": b"line one\nline \xff two\n"}, ["{tmp}/ok.txt", "{tmp}/bad.txt"],
                          r"bad.txt, line 2: invalid UTF-8 at byte 14 \(invalid start byte\); re-encode", {}),
-    "invalid_utf8_jsonl": ({"d.jsonl": b'{"text": "a"}\n{"text": "caf\xe9"}\n'}, ["{tmp}/d.jsonl"],
-                           r"d.jsonl, line 2: invalid UTF-8 at byte 27 \(invalid continuation byte\)", {}),
     "jsonl_not_json": ({"d.jsonl": b'{"text": "a"}\n{"text": "b"}\nnot json at all\n'}, ["{tmp}/d.jsonl"],
                        r"d.jsonl, line 3: not valid JSON \(Expecting value at column 1\)", {}),
     "jsonl_without_text": ({"d.jsonl": b'{"text": "a"}\n{"body": "b"}\n'}, ["{tmp}/d.jsonl"],
                            r'd.jsonl, line 2: not a JSON object with a string field "text"', {}),
-    "jsonl_text_not_string": ({"d.jsonl": b'{"text": 5}\n'}, ["{tmp}/d.jsonl"], r"line 1: not a JSON object", {}),
-    "jsonl_only_empty_texts": ({"d.jsonl": b'{"text": ""}\n'}, ["{tmp}/d.jsonl"], r"the inputs hold no text", {}),
-    "unknown_tokenizer": ({"a.txt": b"hi"}, ["{tmp}/a.txt", "--tokenizer", "gtp2"], r"unknown tokenizer 'gtp2'", {}),
     "tiktoken_files_missing": ({"a.txt": b"hi"}, ["{tmp}/a.txt", "--tokenizer", "gpt2"],
                                r"tiktoken cannot get the files of encoding 'gpt2' \(TIKTOKEN_CACHE_DIR=.*empty-cache",
                                {"TIKTOKEN_CACHE_DIR": "{tmp}/empty-cache", **OFFLINE_PROXY}),
+}
+MORE_BAD_INPUTS = {
+    "empty_file_in_folder": ({"f/a.txt": b"text", "f/b.txt": b""}, ["{tmp}/f"], r"input .*f/b.txt is empty", {}),
+    "folder_without_text": ({"f/a.md": b"text"}, ["{tmp}/f"], r"input folder .*f holds no .txt or .jsonl files", {}),
+    "invalid_utf8_jsonl": ({"d.jsonl": b'{"text": "a"}\n{"text": "caf\xe9"}\n'}, ["{tmp}/d.jsonl"],
+                           r"d.jsonl, line 2: invalid UTF-8 at byte 27 \(invalid continuation byte\)", {}),
+    "jsonl_text_not_string": ({"d.jsonl": b'{"text": 5}\n'}, ["{tmp}/d.jsonl"], r"line 1: not a JSON object", {}),
+    "jsonl_only_empty_texts": ({"d.jsonl": b'{"text": ""}\n'}, ["{tmp}/d.jsonl"], r"the inputs hold no text", {}),
+    "unknown_tokenizer": ({"a.txt": b"hi"}, ["{tmp}/a.txt", "--tokenizer", "gtp2"], r"unknown tokenizer 'gtp2'", {}),
     "val_fraction_out_of_range": ({"a.txt": b"hi"}, ["{tmp}/a.txt", "--val_fraction", "1.5"],
                                   r"--val_fraction must be between 0 and 1", {}),
     "workers_zero": ({"a.txt": b"hi"}, ["{tmp}/a.txt", "--workers", "0"], r"--workers must be >= 1", {}),
@@ -170,35 +174,57 @@ BAD_INPUTS = {
 }
 
 
+def set_up_case(case, tmp: Path) -> tuple[list[str], dict, list]:
+    files, args, _, env = case
+    for rel, data in files.items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_bytes(data)
+    args = [a.replace("{tmp}", str(tmp)) for a in args] + ["--out", str(tmp / "out")]
+    if "--tokenizer" not in args:
+        args += ["--tokenizer", "bytes"]
+    return args, {k: v.replace("{tmp}", str(tmp)) for k, v in env.items()}, listing(tmp)
+
+
+def listing(folder: Path) -> list[Path]:
+    return sorted(p.relative_to(folder) for p in folder.rglob("*"))
+
+
+def check_refusal(returncode: int, stdout: str, stderr: str, pattern: str, before: list, after: list) -> None:
+    assert returncode == 2, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert re.search(pattern, lines[0]), lines[0]
+    assert after == before  # nothing written, not even a temporary file
+    assert stdout == ""
+
+
 @pytest.fixture(scope="module")
-def bad_input_runs(tmp_path_factory):
-    """All bad-input CLI runs at once (each pays the interpreter's start-up; run them side by side)."""
+def cli_runs(tmp_path_factory):
+    """The interpreter runs side by side: each pays Python's start-up, which dominates here."""
     def run_case(name):
-        files, args, _, env = BAD_INPUTS[name]
         tmp = tmp_path_factory.mktemp(name)
-        for rel, data in files.items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(data)
-        before = sorted(p.relative_to(tmp) for p in tmp.rglob("*"))
-        args = [a.replace("{tmp}", str(tmp)) for a in args] + ["--out", str(tmp / "out")]
-        if "--tokenizer" not in args:
-            args += ["--tokenizer", "bytes"]
-        proc = _cli(args, tmp, {k: v.replace("{tmp}", str(tmp)) for k, v in env.items()})
-        return proc, before, sorted(p.relative_to(tmp) for p in tmp.rglob("*"))
+        args, env, before = set_up_case(CLI_BAD_INPUTS[name], tmp)
+        return _cli(args, tmp, env), before, listing(tmp)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(zip(BAD_INPUTS, pool.map(run_case, BAD_INPUTS)))
+        return dict(zip(CLI_BAD_INPUTS, pool.map(run_case, CLI_BAD_INPUTS)))
 
 
-@pytest.mark.parametrize("name", list(BAD_INPUTS))
-def test_bad_input_is_one_line_exit_2_and_no_output(bad_input_runs, name):
-    proc, before, after = bad_input_runs[name]
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert re.search(BAD_INPUTS[name][2], lines[0]), lines[0]
-    assert after == before  # nothing written, not even a temporary file
-    assert proc.stdout == ""
+@pytest.mark.parametrize("name", list(CLI_BAD_INPUTS))
+def test_bad_input_through_the_cli(cli_runs, name):
+    proc, before, after = cli_runs[name]
+    check_refusal(proc.returncode, proc.stdout, proc.stderr, CLI_BAD_INPUTS[name][2], before, after)
+
+
+@pytest.mark.parametrize("name", list(MORE_BAD_INPUTS))
+def test_more_bad_input_through_main(tmp_path, monkeypatch, capsys, name):
+    args, env, before = set_up_case(MORE_BAD_INPUTS[name], tmp_path)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as info:
+        prepare_main(args)
+    captured = capsys.readouterr()
+    check_refusal(info.value.code, captured.out, captured.err, MORE_BAD_INPUTS[name][2], before, listing(tmp_path))
 
 
 def test_cli_happy_path_prints_a_summary(tmp_path):
