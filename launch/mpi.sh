@@ -78,7 +78,8 @@ if [[ "$launcher" == openmpi ]]; then
   [[ "$user_launcher_args" == *--bind-to* ]] || mpi_args+=(--bind-to none)  # one core per rank starves torch's threads
   # The = form: argparse would take a value starting with '-' for an option.
   cmd+=("--launcher_args=$(shell_join "${mpi_args[@]}") $user_launcher_args")
-  cmd+=(--no_python "$LAUNCH_DIR/mpi_env.sh" "$(command -v "$PYTHON")")
+  python_path="$(command -v "$PYTHON")" || die "$PYTHON not found on PATH"
+  cmd+=(--no_python "$LAUNCH_DIR/mpi_env.sh" "$python_path")
 else
   # DeepSpeed's MPICH runner passes MASTER_*/WORLD_SIZE and maps PMI ranks itself.
   [[ -n "$user_launcher_args" ]] && cmd+=("--launcher_args=$user_launcher_args")

@@ -46,13 +46,13 @@ done
 require --master_addr "$master_addr"
 
 # DeepSpeed pastes the working directory, the script path and the arguments into the remote
-# shell command (arguments with spaces in double quotes, others bare): refuse anything the
-# remote shell would re-interpret.
+# shell command (arguments with spaces in double quotes, others bare), and pdsh replaces %h, %n,
+# %u in it: refuse anything that would be re-interpreted on the way.
 for word in "$PWD" "$TRAIN_SCRIPT"; do
-  [[ "$word" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]] || die "path '$word' has characters pdsh's remote shell would re-interpret; use a plain path"
+  [[ "$word" =~ ^[A-Za-z0-9_@+=:,./-]+$ ]] || die "path '$word' has characters pdsh's remote shell would re-interpret; use a plain path"
 done
 for arg in "$@"; do
-  [[ "$arg" =~ ^[A-Za-z0-9_@%+=:,./\ -]*$ ]] || die "argument '$arg' has characters pdsh's remote shell would re-interpret"
+  [[ "$arg" =~ ^[A-Za-z0-9_@+=:,./\ -]*$ ]] || die "argument '$arg' has characters pdsh's remote shell would re-interpret"
 done
 
 job_dir="$(mktemp -d "${TMPDIR:-/tmp}/marjara-launch.XXXXXX")"

@@ -114,6 +114,9 @@ def ssh_env(job, sshd):
     """What a user sets up: ssh options for pdsh, and .deepspeed_env for what remote ranks need."""
     env = launch_env(new_marker(), PROBE_OUT_DIR=str(job / "out"), PDSH_SSH_ARGS_APPEND=sshd.ssh_args)
     write_deepspeed_env(job, env, ["PROBE_OUT_DIR", MARKER_VAR])
+    # DeepSpeed's own reader would fail on these; launch/common.sh drops them.
+    dotfile = job / ".deepspeed_env"
+    dotfile.write_text("# for the ranks on other nodes\n\n" + dotfile.read_text())
     return env
 
 

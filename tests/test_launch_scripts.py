@@ -52,7 +52,7 @@ def test_bad_arguments_fail_with_one_error_line(name, args, expected):
     assert result.stderr.startswith(f"error: {expected}") and result.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize("train_arg", ["$(touch /tmp/pwned)", "a;b", "`id`", 'say "hi"', "x|y"])
+@pytest.mark.parametrize("train_arg", ["$(touch /tmp/pwned)", "a;b", "`id`", 'say "hi"', "x|y", "run-%h"])
 def test_pdsh_refuses_arguments_its_remote_shell_would_reinterpret(train_arg, tmp_path):
     result = run_script("pdsh.sh", "--master_addr", "127.0.0.1", "--hostfile", str(tmp_path / "h"),
                         "--", "--note", train_arg, cwd=tmp_path)
@@ -63,7 +63,7 @@ def test_pdsh_refuses_arguments_its_remote_shell_would_reinterpret(train_arg, tm
 def test_no_ssh_runs_the_preflight_check_first(tmp_path):
     (tmp_path / "hostfile").write_text("node-a slots=1\nnode-b slots=1 gpus=1\n")
     result = run_script("no_ssh.sh", "--hostfile", "hostfile", "--node_rank", "0", "--master_addr",
-                        "127.0.0.1", cwd=tmp_path)
+                        "127.0.0.1", cwd=tmp_path, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert result.returncode == 2
     assert "line 2 ('node-b slots=1 gpus=1'): unknown key 'gpus'" in result.stderr
 
@@ -93,7 +93,6 @@ done
 """
 
 
-@pytest.mark.slow  # four Python start-ups that import torch (marjara/__init__.py)
 def test_slurm_script_derives_hostfile_master_and_node_rank(tmp_path):
     bin_dir, log = tmp_path / "bin", tmp_path / "log"
     bin_dir.mkdir()
@@ -105,6 +104,7 @@ def test_slurm_script_derives_hostfile_master_and_node_rank(tmp_path):
     env.update(
         PATH=f"{bin_dir}:{env['PATH']}",
         PYTHON=sys.executable,
+        DS_ACCELERATOR="cpu",  # else every `python -m marjara.*` imports torch to find out (~3 s each)
         FAKE_LOG=str(log),
         TMPDIR=str(tmp_path),
         SLURM_JOB_ID="4242",
