@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the launch scripts: strict mode, argument helpers, and the settings every node shares.
 # Not meant to be run on its own.
 

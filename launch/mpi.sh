@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Many nodes through MPI: deepspeed --launcher openmpi|mpich --hostfile H ...
+# shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {

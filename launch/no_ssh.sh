@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One launcher per node, no ssh: deepspeed --hostfile H --no_ssh --node_rank R ...
+# shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {

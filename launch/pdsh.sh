@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Many nodes over ssh with DeepSpeed's default pdsh launcher: deepspeed --hostfile H ...
+# shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One node, N ranks: deepspeed --num_gpus N train.py ...
+# shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {

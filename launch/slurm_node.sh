@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One SLURM task per node (started by launch/slurm.sbatch): derive hostfile, master and node
 # rank from SLURM's environment, then run launch/no_ssh.sh with TRAIN_ARGS.
+# shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Multi-node without DeepSpeed's launcher: torchrun --nnodes N --node_rank R --rdzv_* train.py ...
+# shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {

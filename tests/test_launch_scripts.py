@@ -1,6 +1,7 @@
 """The launch scripts' own behaviour without a real launch: help, refusals, SLURM derivation."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,13 @@ def test_every_script_has_help_and_strict_mode(name):
     text = (LAUNCH / name).read_text()
     assert "common.sh" in text or "set -euo pipefail" in text
     assert os.access(LAUNCH / name, os.X_OK)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="needs shellcheck (apt-get install shellcheck)")
+def test_scripts_pass_shellcheck():
+    scripts = sorted(str(p) for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch"))
+    result = subprocess.run(["shellcheck", "-x", *scripts], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout
 
 
 def test_common_sets_strict_mode():
