@@ -87,6 +87,11 @@ class Learner:
         if args.compile:
             self._compile()
         self._signal = 0
+        # DeepSpeed reports the gradient norm under ZeRO and mixed precision, not for plain fp32
+        # data parallelism; there every rank holds the whole averaged gradient, so measure it here.
+        self._measure_grad_norm = (self.settings.zero_stage == 0 and self.settings.precision == "fp32"
+                                   and not (self.config.use_moe and self.config.ep_size > 1))
+        self._grad_norm = None
 
     # ---- set-up ---------------------------------------------------------------------------
     def _check_compatible(self, meta: dict) -> None:
@@ -222,6 +227,8 @@ class Learner:
                 x, y = self.stream.next_micro_batch()
                 _, loss = engine(x.to(engine.device), y.to(engine.device))
                 engine.backward(loss)
+                if engine.is_gradient_accumulation_boundary() and self._measure_grad_norm:
+                    self._grad_norm = self._replica_grad_norm()
                 engine.step()
                 aux = self.model.last_aux_loss
                 sums += torch.stack([loss.detach().float().cpu(),
@@ -257,6 +264,10 @@ class Learner:
         self.report.close()
         return 0
 
+    def _replica_grad_norm(self) -> float:
+        norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+        return float(torch.stack(norms).norm()) if norms else 0.0
+
     def _log_train(self, means: torch.Tensor, tokens_per_sec: float, flops_per_token: float, peak: float) -> None:
         loss, aux = self._mean_over_ranks(means).tolist()
         lr = self.engine.get_lr()[0]
@@ -264,6 +275,8 @@ class Learner:
         if peak > 0:
             values["train/mfu"] = flops_per_token * tokens_per_sec / (peak * 1e12 * self.world)
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self._grad_norm
         if grad_norm is not None:
             values["train/grad_norm"] = float(grad_norm)
         if self.settings.precision == "fp16":

@@ -1,0 +1,105 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from marjara.ds_config import resolve_engine_settings
+from marjara.errors import MarjaraError
+from marjara.train_args import parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def settings(tmp_path, config: dict | None, *flags, world=1, gpu=False, moe=False):
+    argv = list(flags)
+    if config is not None:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(config))
+        argv += ["--deepspeed_config", str(path)]
+    return resolve_engine_settings(parse_args(argv), world, gpu, moe)
+
+
+def test_auto_values_are_filled_from_the_flags(tmp_path):
+    s = settings(tmp_path, {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                            "train_batch_size": "auto", "gradient_clipping": "auto"},
+                 "--batch_size", "3", "--grad_accum", "5", "--grad_clip", "0.5", world=4)
+    c = s.ds_config
+    assert (c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"], c["train_batch_size"],
+            c["gradient_clipping"]) == (3, 5, 60, 0.5)
+
+
+def test_a_json_value_wins_over_a_flag_default(tmp_path):
+    s = settings(tmp_path, {"train_micro_batch_size_per_gpu": 7})
+    assert s.micro_batch == 7 and s.ds_config["train_batch_size"] == 7
+
+
+def test_no_config_uses_the_documented_defaults(tmp_path):
+    s = settings(tmp_path, None)
+    assert (s.micro_batch, s.grad_accum, s.zero_stage, s.precision, s.lr) == (16, 1, 0, "fp32", 1e-3)
+    assert s.ds_config["gradient_clipping"] == 1.0
+
+
+def test_precision_defaults_to_bf16_on_gpu_and_fp32_on_cpu(tmp_path):
+    assert settings(tmp_path, {"bf16": {"enabled": "auto"}}, gpu=True).ds_config["bf16"]["enabled"] is True
+    cpu = settings(tmp_path, {"bf16": {"enabled": "auto"}})
+    assert cpu.precision == "fp32" and cpu.ds_config["bf16"]["enabled"] is False
+    fp16 = settings(tmp_path, {"fp16": {"enabled": "auto", "loss_scale": 0}}, "--mixed_precision", "fp16", gpu=True)
+    assert fp16.ds_config["fp16"] == {"enabled": True, "loss_scale": 0} and fp16.precision == "fp16"
+
+
+@pytest.mark.parametrize("config, flags, message", [
+    ({"train_micro_batch_size_per_gpu": 8}, ["--batch_size", "4"],
+     '--batch_size 4 contradicts "train_micro_batch_size_per_gpu": 8'),
+    ({"gradient_accumulation_steps": 2}, ["--grad_accum", "3"], '--grad_accum 3 contradicts "gradient_accumulation_steps": 2'),
+    ({"train_batch_size": 100}, ["--batch_size", "4"], '"train_batch_size": 100'),
+    ({"bf16": {"enabled": True}}, ["--mixed_precision", "fp16"], "--mixed_precision fp16 contradicts \"bf16\""),
+    ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, [], "enables both bf16 and fp16"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, ["--lr", "0.2"], '--lr 0.2 contradicts "lr": 0.1'),
+    ({"zero_optimization": {"stage": 5}}, [], "stage"),
+    ({"tensorboard": {"enabled": True, "output_path": "x", "job_name": "y"}}, ["--log_dir", "z"], "--log_dir z contradicts"),
+    ({"scheduler": {"type": "WarmupLR", "params": {"mystery": "auto"}}}, [], '"mystery" is "auto"'),
+])
+def test_contradictions_stop_with_both_sides_named(tmp_path, config, flags, message):
+    with pytest.raises(MarjaraError) as err:
+        settings(tmp_path, config, *flags, gpu=True)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_moe_with_zero3_and_fp16_on_cpu_are_refused_up_front(tmp_path):
+    with pytest.raises(MarjaraError, match="--use_moe cannot run with ZeRO stage 3.*zero2.json"):
+        settings(tmp_path, {"zero_optimization": {"stage": 3}}, moe=True)
+    with pytest.raises(MarjaraError, match="fp16 needs a GPU"):
+        settings(tmp_path, {"fp16": {"enabled": True}})
+
+
+def test_scheduler_and_optimizer_auto_params_are_filled(tmp_path):
+    s = settings(tmp_path, {"optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}},
+                            "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto",
+                                          "warmup_num_steps": "auto", "cos_min_ratio": "auto"}}},
+                 "--lr", "0.01", "--max_steps", "50", "--warmup_steps", "5", "--weight_decay", "0.2")
+    assert s.ds_config["optimizer"]["params"] == {"lr": 0.01, "weight_decay": 0.2}
+    assert s.ds_config["scheduler"]["params"] == {"total_num_steps": 50, "warmup_num_steps": 5,
+                                                  "cos_min_ratio": pytest.approx(0.1)}
+    assert s.optimizer_in_json and s.scheduler_in_json
+
+
+def test_tensorboard_block_chooses_the_log_dir(tmp_path):
+    s = settings(tmp_path, {"tensorboard": {"enabled": True, "output_path": "runs", "job_name": "exp1"}})
+    assert s.log_dir == "runs/exp1" and "tensorboard" not in s.ds_config
+    assert settings(tmp_path, None, "--out_dir", "ck").log_dir == "ck/tensorboard"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "ds_configs").glob("*.json")))
+def test_every_shipped_config_is_valid_and_resolves(name):
+    config = json.loads((ROOT / "ds_configs" / name).read_text())
+    assert "zero_optimization" in config
+    args = parse_args(["--deepspeed_config", str(ROOT / "ds_configs" / name)])
+    s = resolve_engine_settings(args, world_size=8, has_gpu=True, use_moe=name.startswith("moe"))
+    assert s.precision == "bf16" and s.ds_config["train_batch_size"] == 16 * 8
+    assert AUTO_LEFT(s.ds_config) == []
+
+
+def AUTO_LEFT(node, path=""):
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in AUTO_LEFT(v, f"{path}.{k}")]
+    return [path] if node == "auto" else []

@@ -1,0 +1,151 @@
+"""train.py as one plain process: exact resume, preemption, checkpoints, logs, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from train_helpers import QUICK, ROOT, TRAIN, ema_weights, metrics, run_train, train_losses
+
+STEPS = 10
+RUN = QUICK + ["--max_steps", str(STEPS), "--batch_size", "4", "--ema_decay", "0.9", "--eval_interval", "5"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    result = run_train(RUN + ["--save_interval", "4", "--keep_last", "2", "--out_dir", str(out),
+                              "--log_dir", str(out / "tb"), "--sample_tokens", "12"])
+    return out, result
+
+
+def test_loss_falls_and_the_run_leaves_checkpoint_logs_and_a_sample(uninterrupted):
+    out, result = uninterrupted
+    losses = train_losses(out)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses[STEPS] < losses[1] - 0.5
+    assert (out / "latest").read_text() == f"global_step{STEPS}"
+    assert "sample: The " in result.stdout
+    evals = [m for m in metrics(out) if "val/loss" in m]
+    assert [m["step"] for m in evals] == [5, 10] and all("val/loss_ema" in m for m in evals)
+    assert evals[1]["val/loss"] < evals[0]["val/loss"]
+
+
+def test_keep_last_rotation_keeps_the_newest_and_latest(uninterrupted):
+    out, _ = uninterrupted
+    tags = sorted(p.name for p in out.glob("global_step*"))
+    assert tags == ["global_step10", "global_step8"]  # saved at 4, 8 and the end; keep_last 2
+
+
+def test_tensorboard_events_are_written_and_readable(uninterrupted):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = uninterrupted
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/tokens_per_sec", "train/mfu", "train/grad_norm", "val/loss",
+            "val/ppl", "val/loss_ema"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, STEPS + 1))
+
+
+def test_resume_is_step_for_step_identical(uninterrupted, tmp_path):
+    out, _ = uninterrupted
+    # global_step4 was rotated away; resume from the kept step-8 checkpoint to the end.
+    run_train(RUN + ["--out_dir", str(tmp_path), "--resume", str(out / "global_step8")])
+    resumed, original = train_losses(tmp_path), train_losses(out)
+    assert sorted(resumed) == [9, 10]
+    assert all(resumed[s] == original[s] for s in resumed), (resumed, original)  # bit-identical
+    for name, value in ema_weights(tmp_path / "global_step10").items():
+        assert torch.equal(value, ema_weights(out / "global_step10")[name]), name
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes_identically(uninterrupted, tmp_path):
+    out, _ = uninterrupted
+    proc = subprocess.Popen([sys.executable, TRAIN, *RUN, "--save_interval", "0", "--out_dir", str(tmp_path)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            path = tmp_path / "metrics.jsonl"
+            if path.exists() and any(m.get("step", 0) >= 2 for m in metrics(tmp_path)):
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "SIGTERM: saved checkpoint" in stdout
+    stopped_at = int((tmp_path / "latest").read_text().removeprefix("global_step"))
+    assert 2 <= stopped_at < STEPS
+    resumed_dir = tmp_path / "resumed"
+    run_train(RUN + ["--out_dir", str(resumed_dir), "--resume", str(tmp_path)])
+    resumed, original = train_losses(resumed_dir), train_losses(out)
+    assert sorted(resumed) == list(range(stopped_at + 1, STEPS + 1))
+    assert all(resumed[s] == original[s] for s in resumed)
+
+
+def test_resume_with_another_model_lists_the_differences(uninterrupted, tmp_path):
+    out, _ = uninterrupted
+    result = run_train(RUN + ["--out_dir", str(tmp_path), "--resume", str(out), "--model_size", "small"],
+                       check=False)
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: --resume") and "d_model: 128 != 256" in error and "n_layers: 4 != 8" in error
+    assert not (tmp_path / "latest").exists()
+
+
+def test_an_incomplete_checkpoint_is_refused(uninterrupted, tmp_path):
+    out, _ = uninterrupted
+    broken = tmp_path / "ck"
+    (broken / "global_step3").mkdir(parents=True)
+    (broken / "latest").write_text("global_step3")
+    result = run_train(RUN + ["--out_dir", str(tmp_path / "o"), "--resume", str(broken)], check=False)
+    assert result.returncode == 2
+    assert "incomplete" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--use_moe", "--deepspeed_config", "ds_configs/zero3.json"], "--use_moe cannot run with ZeRO stage 3"),
+    (["--mixed_precision", "fp16"], "fp16 needs a GPU"),
+    (["--deepspeed_config", "nope.json"], "DeepSpeed config nope.json does not exist"),
+    (["--deepspeed_config", "BAD_JSON"], "is not valid JSON"),
+    (["--deepspeed_config", "ds_configs/zero2.json", "--batch_size", "0"], "batch_size must be a positive integer"),
+    (["--data", "missing.txt"], "missing.txt"),
+    (["--resume", "nowhere/"], "--resume nowhere/: no such folder"),
+])
+def test_bad_flags_stop_with_one_clear_line(tmp_path, args, message):
+    args = [str(tmp_path / "bad.json") if a == "BAD_JSON" else a for a in args]
+    (tmp_path / "bad.json").write_text("{ not json")
+    result = subprocess.run([sys.executable, TRAIN, *QUICK, "--max_steps", "1", "--out_dir", str(tmp_path / "o"), *args],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o" / "latest").exists()
+
+
+def test_compile_with_moe_says_so_once_and_trains_uncompiled(tmp_path):
+    result = run_train(QUICK + ["--max_steps", "2", "--batch_size", "2", "--use_moe", "--compile",
+                                "--out_dir", str(tmp_path)])
+    assert result.stdout.count("--compile: torch.compile cannot trace DeepSpeed's MoE layers") == 1
+    assert sorted(train_losses(tmp_path)) == [1, 2]
+
+
+def test_help_documents_every_flag():
+    result = subprocess.run([sys.executable, TRAIN, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for flag in ["--data", "--model_size", "--mixed_precision", "--distributed", "--compile", "--use_moe",
+                 "--num_experts", "--top_k", "--ep_size", "--capacity_factor", "--aux_loss_coef", "--resume",
+                 "--max_steps", "--lr", "--min_lr", "--warmup_steps", "--weight_decay", "--batch_size",
+                 "--grad_accum", "--seq_len", "--eval_interval", "--save_interval", "--keep_last", "--out_dir",
+                 "--seed", "--log_interval", "--tokenizer", "--grad_checkpointing", "--ema_decay", "--log_dir",
+                 "--deepspeed_config"]:
+        assert flag in result.stdout, flag
