@@ -66,6 +66,8 @@ def checkpoint_weights(ckpt_dir: str | os.PathLike, tag: str | None = None, ema:
             yield from ema_pieces(ckpt, shapes, skip={TIED_HEAD} - set(shapes))
             yield from reader.buffer_pieces()
     else:
+        reader.check_readable()
+
         def pieces() -> Iterator[Piece]:
             yield from reader.pieces()
 

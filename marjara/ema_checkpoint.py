@@ -35,7 +35,7 @@ def check_has_ema(ckpt: Checkpoint) -> str:
     if layout not in LAYOUTS:
         raise MarjaraError(f"{ckpt.path}/marjara.json names EMA layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     for rank in range(ckpt.world_size):
-        ckpt.file(rank_file_name(rank))
+        load_file(ckpt.file(rank_file_name(rank)))  # missing or truncated: reported before any write
     return layout
 
 

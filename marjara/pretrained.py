@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -105,11 +106,17 @@ def write_export(out_dir: str | os.PathLike, shapes: dict[str, torch.Size], piec
     out_dir = Path(out_dir)
     check_out_dir(out_dir, config_json, overwrite)
     dtype = DTYPES[config_json["dtype"]]
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
-        write_pieces(tmp, shapes, pieces, dtype, source_description, metadata={"format": "pt"})
-        (out_dir / CONFIG_FILE).unlink(missing_ok=True)
-    write_json_atomic(out_dir / CONFIG_FILE, config_json)
+    try:
+        with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
+            write_pieces(tmp, shapes, pieces, dtype, source_description, metadata={"format": "pt"})
+            (out_dir / CONFIG_FILE).unlink(missing_ok=True)
+        write_json_atomic(out_dir / CONFIG_FILE, config_json)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     return out_dir
 
 

@@ -97,6 +97,13 @@ class ZeroCheckpointReader:
         groups = self.states.get("param_shapes") or []
         return {name for group in groups for name in group}
 
+    def check_readable(self) -> None:
+        """Open (without reading tensors) every file `pieces` will read, so a missing or truncated
+        file is reported before anything is written."""
+        if self.ckpt.zero_stage == 3 or (self.ckpt.zero_stage in (1, 2) and self.ckpt.half_precision):
+            for rank in range(self.ckpt.world_size):
+                load_file(self.ckpt.file(optim_states_name(self.ckpt, rank)), deepspeed_objects=True)
+
     # ---- pieces --------------------------------------------------------------------------
     def pieces(self) -> Iterator[Piece]:
         stage, half = self.ckpt.zero_stage, self.ckpt.half_precision
