@@ -35,7 +35,7 @@ def test_a_json_value_wins_over_a_flag_default(tmp_path):
 
 def test_no_config_uses_the_documented_defaults(tmp_path):
     s = settings(tmp_path, None)
-    assert (s.micro_batch, s.grad_accum, s.zero_stage, s.precision, s.lr) == (16, 1, 0, "fp32", 1e-3)
+    assert (s.micro_batch, s.grad_accum, s.zero_stage, s.precision, s.lr) == (8, 1, 0, "fp32", 1e-3)
     assert s.ds_config["gradient_clipping"] == 1.0
 
 
@@ -95,7 +95,7 @@ def test_every_shipped_config_is_valid_and_resolves(name):
     assert "zero_optimization" in config
     args = parse_args(["--deepspeed_config", str(ROOT / "ds_configs" / name)])
     s = resolve_engine_settings(args, world_size=8, has_gpu=True, use_moe=name.startswith("moe"))
-    assert s.precision == "bf16" and s.ds_config["train_batch_size"] == 16 * 8
+    assert s.precision == "bf16" and s.ds_config["train_batch_size"] == 8 * 8
     assert AUTO_LEFT(s.ds_config) == []
 
 
