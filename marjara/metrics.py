@@ -13,7 +13,7 @@ import torch
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
 
 
-def measure_cpu_peak_tflops(size: int = 1024, repeats: int = 5) -> float:
+def measure_cpu_peak_tflops(size: int = 2048, repeats: int = 3) -> float:
     """fp32 matmul throughput of this process's threads, the CPU's practical peak."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b

@@ -109,9 +109,9 @@ class MarjaraModel(nn.Module):
     def _counts(self) -> tuple[int, int, int]:
         """(embedding, dense non-embedding, expert params of the whole layer set), counting the
         experts held by other expert-parallel ranks too."""
-        embedding = self.tok_emb.weight.numel()
+        embedding = _full_numel(self.tok_emb.weight)
         if not self.config.tie_embeddings:
-            embedding += self.lm_head.weight.numel()
+            embedding += _full_numel(self.lm_head.weight)
         expert = dense = 0
         for name, param in self.named_parameters():
             if name in ("tok_emb.weight", "lm_head.weight"):

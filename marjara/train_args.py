@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--aux_loss_coef", type=float, default=0.01, help="weight of the MoE load-balancing loss")
 
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--max_steps", type=int, default=400, help="optimizer steps (the default suits the CPU demo)")
+    opt.add_argument("--max_steps", type=int, default=800, help="optimizer steps (the default suits the CPU demo)")
     opt.add_argument("--lr", type=float, default=None,
                      help=f"peak learning rate (= the JSON optimizer's lr, if any; default {JSON_BACKED_DEFAULTS['lr']})")
     opt.add_argument("--min_lr", type=float, default=None, help="final learning rate of the cosine; default lr / 10")
@@ -71,13 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--seed", type=int, default=1337)
 
     run = p.add_argument_group("evaluation, logging, checkpoints")
-    run.add_argument("--eval_interval", type=int, default=100, help="steps between validation runs; 0 disables")
+    run.add_argument("--eval_interval", type=int, default=200, help="steps between validation runs; 0 disables")
     run.add_argument("--eval_batches", type=int, default=8, help="fixed validation batches per evaluation")
     run.add_argument("--log_interval", type=int, default=10, help="steps between log lines")
     run.add_argument("--log_dir", default=None,
                      help="tensorboard event folder; default: the JSON's tensorboard output_path/job_name, else OUT_DIR/tensorboard")
     run.add_argument("--out_dir", default="checkpoints", help="checkpoint folder (DeepSpeed layout)")
-    run.add_argument("--save_interval", type=int, default=200, help="steps between checkpoints; 0: only at the end")
+    run.add_argument("--save_interval", type=int, default=400, help="steps between checkpoints; 0: only at the end")
     run.add_argument("--keep_last", type=int, default=3, help="checkpoints kept (the one `latest` names always is)")
     run.add_argument("--resume", default=None, help="checkpoint folder (uses `latest`) or folder/TAG to resume from")
     run.add_argument("--sample_tokens", type=int, default=200, help="tokens of the sample printed at the end; 0: none")
