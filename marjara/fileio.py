@@ -11,6 +11,14 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _normal_mode(path: Path) -> None:
+    """mkstemp/mkdtemp make private (0600/0700) entries; results get the umask's usual modes, so a
+    lab's shared folders stay readable by the group."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, else removed."""
@@ -21,6 +29,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        _normal_mode(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -35,6 +44,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _normal_mode(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

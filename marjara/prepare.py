@@ -63,25 +63,13 @@ def prepare(inputs: list[str], out: str | os.PathLike, tokenizer: str = "gpt2", 
         with atomic_dir(out) as stage:
             meta = write(stage / "train.bin", stage / "val.bin")
             write_json_atomic(stage / "meta.json", meta)
-            _share_like_normal_files(stage, *stage.iterdir())
         return meta
     with atomic_path(out / "train.bin") as train_tmp, atomic_path(out / "val.bin") as val_tmp:
         meta = write(train_tmp, val_tmp)
-        _share_like_normal_files(train_tmp, val_tmp)
         # Old meta goes before the new .bin files land: never new tokens described by an old meta.
         (out / "meta.json").unlink(missing_ok=True)
     write_json_atomic(out / "meta.json", meta)
-    _share_like_normal_files(out / "meta.json")
     return meta
-
-
-def _share_like_normal_files(*paths: Path) -> None:
-    """Temporary files and folders are private (0600/0700); give the results the umask's usual modes,
-    so a lab's shared data folder stays readable by the group."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in paths:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _write_tokens(files: list[Path], tokenizer: str, dtype: str, val_fraction: float, workers: int, progress: bool,
