@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 
 from marjara.config import ModelConfig
 from marjara.model import MarjaraModel

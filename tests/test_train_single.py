@@ -1,7 +1,5 @@
 """train.py as one plain process: exact resume, preemption, checkpoints, logs, bad input."""
 
-import json
-import os
 import signal
 import subprocess
 import sys
