@@ -1,0 +1,61 @@
+"""Load a model for inference from an exported folder or straight from a training checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from marjara.checkpoint_files import META_FILE, open_checkpoint
+from marjara.errors import MarjaraError
+from marjara.ffn import inference_routing
+from marjara.pretrained import is_pretrained_dir, load_pretrained, read_export_config
+from marjara.tokenizer import Tokenizer, get_tokenizer
+
+
+def resolve_model_path(path: str | os.PathLike, tag: str | None = None, ema: bool = False
+                       ) -> tuple[Path, str | None, bool]:
+    """(folder, tag, is_checkpoint) for OUT_DIR (config.json), CKPT_DIR (latest) or CKPT_DIR/<tag>,
+    checked cheaply (no weights read)."""
+    path = Path(path)
+    if is_pretrained_dir(path):
+        if tag is not None or ema:
+            raise MarjaraError(f"{path} is an exported model; --tag and --ema apply only to checkpoint folders")
+        read_export_config(path)
+        return path, None, False
+    if (path / META_FILE).is_file() and tag is None:  # a tag folder itself
+        path, tag = path.parent, path.name
+    if not path.is_dir() or not ((path / "latest").is_file() or tag is not None):
+        raise MarjaraError(
+            f"{path} is neither an exported model (no config.json) nor a checkpoint folder (no 'latest'); "
+            "pass the OUT_DIR of python -m marjara.convert or the --out_dir of a training run"
+        )
+    open_checkpoint(path, tag)
+    return path, tag, True
+
+
+def load_for_inference(path: str | os.PathLike, tag: str | None = None, ema: bool = False,
+                       device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+                       ) -> tuple[torch.nn.Module, Tokenizer]:
+    """(model in eval mode, its tokenizer); a checkpoint is converted in memory.
+
+    DeepSpeed announces on stdout the process group an MoE model joins (at construction and at
+    its first forward); both happen here with stdout sent to stderr, so that a command's own
+    output (generated text) stays clean.
+    """
+    folder, tag, is_checkpoint = resolve_model_path(path, tag, ema)
+    with contextlib.redirect_stdout(sys.stderr):
+        if is_checkpoint:
+            from marjara.convert import load_checkpoint_model
+
+            model, tokenizer_name = load_checkpoint_model(folder, tag=tag, ema=ema, device=device, dtype=dtype)
+        else:
+            tokenizer_name = read_export_config(folder)["tokenizer"]
+            model = load_pretrained(folder, device=device, dtype=dtype)
+        if model.config.use_moe:
+            with torch.no_grad(), inference_routing(model):
+                model(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
+    return model, get_tokenizer(tokenizer_name)
