@@ -5,6 +5,7 @@ the tag's marjara.json, and every .pt file, read with torch.load(weights_only=Tr
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import zipfile
 from dataclasses import dataclass
@@ -52,9 +53,6 @@ class Checkpoint:
                 "the save was interrupted or a file was removed); convert another tag with --tag"
             )
         return path
-
-    def describe(self) -> str:
-        return f"checkpoint {self.path}"
 
 
 def available_tags(root: Path) -> list[str]:
@@ -131,7 +129,7 @@ def load_file(path: Path, deepspeed_objects: bool = False) -> dict:
             f"cannot read {path}: the file is truncated or corrupt ({first_line[:160]}); "
             "convert another tag with --tag"
         ) from None
-    except torch.serialization.pickle.UnpicklingError as exc:
+    except pickle.UnpicklingError as exc:
         raise MarjaraError(
             f"cannot read {path} safely: it holds objects other than tensors ({str(exc).splitlines()[0][:160]}); "
             "it was not written by the DeepSpeed version MARJARA supports"

@@ -65,6 +65,10 @@ def _include_path(rest: list[str]) -> str | None:
 
 
 def lm_eval_argv(args: argparse.Namespace, rest: list[str]) -> list[str]:
+    clashing = [arg for arg in rest if arg.split("=")[0] in ("--model", "--model_args")]
+    if clashing:
+        raise MarjaraError(f"{clashing[0].split('=')[0]} is set by this command; give the model folder as MODEL "
+                           "and use --tag, --ema, --dtype")
     if "," in str(args.model) or "=" in str(args.model):
         raise MarjaraError(f"the model path {args.model!r} contains ',' or '=', which lm-eval's --model_args cannot carry; "
                            "move or rename the folder")

@@ -4,6 +4,7 @@ parallelism (ep_size 2, ZeRO-2), EMA, bf16 master weights; checked against DeepS
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -134,7 +135,7 @@ def test_tag_picks_an_older_checkpoint_and_config_records_where_it_came_from(tmp
 
 def test_cli_converts_zero3_without_a_launcher(tmp_path_factory, tmp_path):
     ckpt = checkpoint(tmp_path_factory, "zero3")
-    env_free = {k: v for k, v in __import__("os").environ.items()
+    env_free = {k: v for k, v in os.environ.items()
                 if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     result = subprocess.run([sys.executable, "-m", "marjara.convert", str(ckpt), str(tmp_path / "out")],
                             capture_output=True, text=True, cwd=ROOT, env=env_free, timeout=120)

@@ -194,6 +194,13 @@ def test_a_bad_model_folder_fails_before_lm_eval_starts(capsys, tmp_path):
     assert "neither an exported model" in capsys.readouterr().err
 
 
+def test_model_flags_belong_to_this_command(capsys, tmp_path):
+    _, out = exported(tmp_path)
+    with pytest.raises(SystemExit):
+        main([str(out), "--tasks", "x", "--model_args", "pretrained=elsewhere"])
+    assert "--model_args is set by this command" in capsys.readouterr().err
+
+
 def test_model_args_are_checked(tmp_path):
     _, out = exported(tmp_path)
     with pytest.raises(MarjaraError, match="dtype=fp8 is not one of"):
