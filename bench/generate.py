@@ -13,14 +13,16 @@ import torch
 
 from marjara.config import ModelConfig
 from marjara.model import MarjaraModel
+from marjara.sampling import output_head
 
 
 @torch.no_grad()
 def decode_without_cache(model: MarjaraModel, prompt: list[int], new_tokens: int) -> list[int]:
     tokens = torch.tensor([prompt])
+    head = output_head(model)  # the same output projection as generate() uses
     for _ in range(new_tokens):
         last = model.hidden_states(tokens)[:, -1]
-        tokens = torch.cat([tokens, model.lm_head(last).argmax(-1, keepdim=True)], dim=1)
+        tokens = torch.cat([tokens, head(last).argmax(-1, keepdim=True)], dim=1)
     return tokens[0, len(prompt):].tolist()
 
 

@@ -18,6 +18,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in fp32: bf16 sums of squares lose too much precision.
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
@@ -34,9 +36,9 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self._split = (q_dim, kv_dim, kv_dim)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None,
+    def forward(self, x: torch.Tensor, rotary: torch.Tensor, cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
-        """x: (B, T, d_model); rotary: RotaryEmbedding's (cos, sin) for the tokens' positions."""
+        """x: (B, T, d_model); rotary: RotaryEmbedding's rotations for the tokens' positions."""
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split(self._split, dim=-1)
         # (B, T, H, D) -> per-head norm over D -> (B, H, T, D)

@@ -27,9 +27,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.is_moe = config.is_moe_layer(layer)
         self.ffn = MoEFeedForward(config) if self.is_moe else SwiGLU(config.d_model, config.ffn_hidden_size)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None):
+    def forward(self, x: torch.Tensor, rotary: torch.Tensor, cache: KVCache | None = None):
         """Returns (x, aux_loss, expert_counts); the last two are empty tensors in dense blocks."""
         x = x + self.dropout(self.attn(self.attn_norm(x), rotary, cache, self.layer))
         if self.is_moe:
@@ -47,7 +47,7 @@ class MarjaraModel(nn.Module):
             _prepare_expert_parallelism(config)
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
-        self.emb_dropout = nn.Dropout(config.dropout)
+        self.emb_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)

@@ -26,6 +26,17 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
+def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden (B, d_model) -> logits (B, vocab). On CPU a product with a contiguous transposed copy
+    of the output matrix, made once per call: measured 2x faster than nn.Linear's for the few rows
+    of a decode step. Elsewhere, and for ZeRO-3's partitioned weights, the module itself."""
+    weight = model.lm_head.weight
+    if weight.device.type != "cpu" or weight.numel() != model.config.vocab_size * model.config.d_model:
+        return model.lm_head
+    weight_t = weight.detach().t().contiguous()
+    return lambda hidden: hidden @ weight_t
+
+
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
     if temperature < 0:
         raise MarjaraError(f"temperature must be >= 0 (got {temperature}); 0 means greedy")
@@ -37,7 +48,7 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
         raise MarjaraError(f"max_new_tokens must be >= 0 (got {max_new_tokens})")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
              seed: int | None = None, on_tokens: Callable[[list[int | None]], None] | None = None
@@ -71,6 +82,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
 
     was_training = model.training
     model.eval()
+    head = output_head(model)
     cache = model.new_cache(batch, max(total, 1))
     outputs: list[list[int]] = [[] for _ in prompts]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -80,7 +92,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
             hidden = model.hidden_states(tokens, positions, cache)
             last = hidden[torch.arange(batch, device=device), lengths - 1]
             for step in range(max_new_tokens):
-                logits = model.lm_head(last).float()
+                logits = head(last).float()
                 next_tokens = _choose(logits, temperature, top_k, top_p, generator)
                 if eos_token_id is not None:
                     newly_done = next_tokens == eos_token_id
