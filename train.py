@@ -15,9 +15,12 @@ from marjara.train_args import parse_args
 @cli_entry
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from marjara.distributed import shutdown
     from marjara.trainer import Learner
 
-    return Learner(args).fit()
+    code = Learner(args).fit()
+    shutdown()
+    return code
 
 
 if __name__ == "__main__":

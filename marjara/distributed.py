@@ -35,12 +35,13 @@ def ensure_process_group() -> None:
 
     under_mpi = any(var in os.environ for var in _MPI_VARS)
     if not under_mpi and not all(var in os.environ for var in _LAUNCHER_VARS):
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # A one-rank world of our own. It is passed to torch directly rather than through
+        # MASTER_PORT & co., which child processes (other launches) would inherit and collide on.
+        from deepspeed.accelerator import get_accelerator
+
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine insists on it
+        dist.init_process_group(get_accelerator().communication_backend_name(), rank=0, world_size=1,
+                                init_method=f"tcp://127.0.0.1:{_free_port()}")
     # The accelerator picks the backend: nccl on NVIDIA GPUs, gloo on CPU.
     deepspeed.init_distributed(auto_mpi_discovery=under_mpi, verbose=False)
 
@@ -55,3 +56,12 @@ def world_size() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
+
+
+def shutdown() -> None:
+    """Leave the process group together. Without it rank 0 (which hosts the rendezvous store) may
+    exit while a peer is still connected, and its C++ threads abort the process (exit 250)."""
+    if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
