@@ -24,16 +24,20 @@ sys.path.insert(0, str(ROOT))
 
 import marjara  # noqa: E402,F401
 from marjara.config import ModelConfig  # noqa: E402
-from marjara.distributed import ensure_process_group, rank  # noqa: E402
+from marjara.distributed import ensure_process_group, rank, world_size  # noqa: E402
+from marjara.ds_config import resolve_engine_settings  # noqa: E402
 from marjara.metrics import device_peak_tflops  # noqa: E402
 from marjara.model import MarjaraModel  # noqa: E402
 from marjara.optim import build_adamw, parameter_groups  # noqa: E402
+from marjara.train_args import parse_args  # noqa: E402
+from marjara.trainer import skip_single_rank_allreduce  # noqa: E402
 
 
 def ds_config(stage: int, batch: int, precision: str) -> dict:
-    return {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-            "zero_optimization": {"stage": stage}, "bf16": {"enabled": precision == "bf16"},
-            "steps_per_print": 10**9}
+    """The shipped ds_configs/zeroN.json, resolved exactly as train.py resolves it."""
+    args = parse_args(["--deepspeed_config", str(ROOT / "ds_configs" / f"zero{stage}.json"),
+                       "--batch_size", str(batch), "--mixed_precision", precision])
+    return resolve_engine_settings(args, world_size(), torch.cuda.is_available(), use_moe=False).ds_config
 
 
 def build(preset: str, seed: int = 0) -> MarjaraModel:
@@ -66,13 +70,18 @@ def time_plain(preset, batch, seq_len, steps, precision, device) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step(*data[0])  # warm-up
+    return tokens_per_sec(step, data)
+
+
+def tokens_per_sec(step, data) -> float:
+    """Run step(x, y) on every batch; the first is a warm-up, the rest are timed."""
+    step(*data[0])
     sync()
     start = time.perf_counter()
     for x, y in data[1:]:
         step(x, y)
     sync()
-    return steps * batch * seq_len / (time.perf_counter() - start)
+    return sum(x.numel() for x, _ in data[1:]) / (time.perf_counter() - start)
 
 
 def time_engine(preset, batch, seq_len, steps, precision, stage, device) -> float:
@@ -82,6 +91,7 @@ def time_engine(preset, batch, seq_len, steps, precision, stage, device) -> floa
     groups = parameter_groups(model, 0.1)
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_adamw(groups, 1e-4),
                                       config=ds_config(stage, batch, precision))
+    skip_single_rank_allreduce(engine)  # as the trainer does
     data = batches(model.config, batch, seq_len, steps + 1, engine.device)
 
     def step(x, y):
@@ -89,13 +99,7 @@ def time_engine(preset, batch, seq_len, steps, precision, stage, device) -> floa
         engine.backward(loss)
         engine.step()
 
-    step(*data[0])
-    sync()
-    start = time.perf_counter()
-    for x, y in data[1:]:
-        step(x, y)
-    sync()
-    return steps * batch * seq_len / (time.perf_counter() - start)
+    return tokens_per_sec(step, data)
 
 
 def model_state_bytes(engine) -> int:
@@ -111,45 +115,44 @@ def model_state_bytes(engine) -> int:
     for p in engine.module.parameters():
         add(p.ds_tensor if hasattr(p, "ds_tensor") else p)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    for group in inner.param_groups:
-        for p in group["params"]:
-            add(p)
-            for value in inner.state.get(p, {}).values():
-                add(value)
+    # The optimizer's state is keyed by the tensors it updates (the fp32 masters, or the flat
+    # partitions ZeRO hands it; ZeRO-3 empties param_groups between steps).
+    for master, state in inner.state.items():
+        add(master)
+        for value in state.values():
+            add(value)
     return total
 
 
 def memory_worker(args) -> None:
-    """Runs on each rank under torchrun: one ZeRO stage, a few steps, then its memory."""
+    """Runs on each rank under torchrun: one ZeRO stage, one optimizer step (Adam's state exists
+    from then on; its size does not depend on the batch, so the batch is tiny), then its memory."""
     import deepspeed
 
     ensure_process_group()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model = build(args.preset)
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_adamw(parameter_groups(model, 0.1), 1e-4),
-                                      config=ds_config(args.stage, args.batch_size, "fp32"))
-    for x, y in batches(model.config, args.batch_size, args.seq_len, 2, engine.device):
+                                      config=ds_config(args.stage, 1, args.precision))
+    for x, y in batches(model.config, 1, 16, 1, engine.device):
         _, loss = engine(x, y)
         engine.backward(loss)
         engine.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if rank() == 0:
-        print(json.dumps({"stage": args.stage, "model_state_mb": model_state_bytes(engine) / 2**20,
+        print(json.dumps({"model_state_mb": model_state_bytes(engine) / 2**20,
                           "peak_rss_growth_mb": (peak - before) / 1024}), flush=True)
 
 
-def measure_memory(args) -> list[dict]:
-    rows = []
-    for stage in (0, 1, 2, 3):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(29700 + stage), __file__, "--memory_worker", "--stage", str(stage), "--preset", args.preset,
-               "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-        if out.returncode != 0 or not lines:
-            raise SystemExit(f"ZeRO-{stage} memory run failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(lines[-1]))
-    return rows
+def measure_memory(preset: str, precision: str, stage: int) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29700 + stage), __file__, "--memory_worker", "--stage", str(stage), "--preset", preset,
+           "--precision", precision]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise SystemExit(f"ZeRO-{stage} {precision} memory run failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1])
 
 
 def main() -> None:
@@ -191,12 +194,14 @@ def main() -> None:
     print("goal: engine >= 0.95x the plain loop at ZeRO 0/1 on one rank")
     if args.skip_memory:
         return
-    rows = measure_memory(args)
-    zero0 = rows[0]["model_state_mb"]
-    print("2 ranks, per-rank memory (params + optimizer state counted from tensors; peak RSS growth):")
-    for row in rows:
-        print(f"  ZeRO-{row['stage']}: model state {row['model_state_mb']:8.1f} MiB ({row['model_state_mb'] / zero0:.2f}x "
-              f"ZeRO-0)   peak RSS growth {row['peak_rss_growth_mb']:8.1f} MiB")
+    print("2 ranks, per-rank model state (parameters + fp32 masters + Adam moments, counted from tensors) "
+          "and peak RSS growth:")
+    for precision in ("fp32", "bf16"):
+        rows = [measure_memory(args.preset, precision, stage) for stage in (0, 1, 2, 3)]
+        zero0 = rows[0]["model_state_mb"]
+        for stage, row in enumerate(rows):
+            print(f"  {precision} ZeRO-{stage}: model state {row['model_state_mb']:8.1f} MiB "
+                  f"({row['model_state_mb'] / zero0:.2f}x ZeRO-0)   peak RSS growth {row['peak_rss_growth_mb']:8.1f} MiB")
     print("goal: ZeRO-3 model state per rank <= 0.6x ZeRO-0's")
 
 

@@ -11,6 +11,7 @@ U+FFFD (errors="replace"), so a model's raw output can always be shown.
 
 from __future__ import annotations
 
+import abc
 import functools
 import os
 
@@ -21,18 +22,18 @@ EOT_TEXT = "<|endoftext|>"
 REPLACEMENT = "\ufffd"
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Common interface: name, vocab_size, eot_id, encode(text) -> list[int], decode(ids) -> str."""
 
     name: str
     vocab_size: int
     eot_id: int
 
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode(self, ids) -> str: ...
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size})"

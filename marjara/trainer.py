@@ -48,6 +48,13 @@ def quiet_libraries(this_rank: int) -> None:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
+def skip_single_rank_allreduce(engine) -> None:
+    """With one data-parallel rank, ZeRO-0's gradient all-reduce only copies every gradient through
+    flat buckets and back; skip it (ZeRO 1-3 move gradients into their partitions there, so stay)."""
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        engine.enable_backward_allreduce = False
+
+
 class Learner:
     def __init__(self, args) -> None:
         self.args = args
@@ -137,6 +144,7 @@ class Learner:
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                           model_parameters=groups if optimizer is None else None,
                                           config=s.ds_config)
+        skip_single_rank_allreduce(engine)
         self._group_hparams = [{k: v for k, v in g.items() if k != "params"} for g in groups]
         return engine
 
