@@ -79,8 +79,8 @@ def save(engine, out_dir: str | Path, step: int, meta: dict, rank_state: dict, k
     out_dir = Path(out_dir)
     tag = tag_for(step)
     tag_dir = out_dir / tag
-    if _rank() == 0 and (tag_dir / META_FILE).exists():
-        (tag_dir / META_FILE).unlink()  # re-saving a step: it is incomplete until we finish again
+    if _rank() == 0 and tag_dir.exists():
+        _stop_naming(out_dir, tag)  # re-saving a step: it is incomplete until we finish again
     _barrier()
     engine.save_checkpoint(str(out_dir), tag=tag, save_latest=False)
     with atomic_path(rank_file(tag_dir, _rank())) as tmp:
@@ -93,6 +93,20 @@ def save(engine, out_dir: str | Path, step: int, meta: dict, rank_state: dict, k
         rotate(out_dir, keep_last, keep=tag)
     _barrier()
     return tag_dir
+
+
+def _stop_naming(out_dir: Path, tag: str) -> None:
+    """Mark `tag` incomplete; if `latest` names it, point `latest` at the newest other complete
+    checkpoint first (or remove it when there is none)."""
+    latest = out_dir / LATEST
+    if latest.is_file() and latest.read_text().strip() == tag:
+        others = [t for _, t in complete_tags(out_dir) if t != tag]
+        if others:
+            with atomic_path(latest) as tmp:
+                tmp.write_text(others[-1])
+        else:
+            latest.unlink()
+    (out_dir / tag / META_FILE).unlink(missing_ok=True)
 
 
 def complete_tags(out_dir: Path) -> list[tuple[int, str]]:
@@ -155,6 +169,7 @@ def universal_tag(point: ResumePoint) -> str:
     tag = f"{point.tag}_universal"
     out = point.ckpt_dir / tag
     done = out / "marjara_universal.ok"
+    error = None
     if _rank() == 0 and not done.exists():
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(point.tag_dir),
@@ -164,7 +179,14 @@ def universal_tag(point: ResumePoint) -> str:
         if result.returncode != 0:
             shutil.rmtree(out, ignore_errors=True)
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise MarjaraError(f"converting {point.tag_dir} to a universal checkpoint failed ({last})")
-        done.write_text("converted by deepspeed.checkpoint.ds_to_universal\n")
-    _barrier()
+            error = f"converting {point.tag_dir} to a universal checkpoint failed ({last})"
+        else:
+            done.write_text("converted by deepspeed.checkpoint.ds_to_universal\n")
+    # Every rank learns the outcome (the others would otherwise wait for rank 0 until the timeout).
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        outcome = [error]
+        dist.broadcast_object_list(outcome, src=0)
+        error = outcome[0]
+    if error:
+        raise MarjaraError(error)
     return tag

@@ -139,7 +139,11 @@ def resolve_engine_settings(args, world_size: int, has_gpu: bool, use_moe: bool)
         params.setdefault("lr", AUTO)
         lr = _take(params, "lr", args, "lr", JSON_BACKED_DEFAULTS["lr"], source)
         _fill_auto(params, {"weight_decay": args.weight_decay, "betas": [0.9, 0.95], "eps": 1e-8}, "optimizer", source)
+    if not isinstance(lr, (int, float)) or lr <= 0:
+        raise MarjaraError(f"the learning rate must be > 0 (got {lr!r} from {source} or --lr)")
     min_lr = args.min_lr if args.min_lr is not None else lr / 10
+    if min_lr > lr:
+        raise MarjaraError(f"--min_lr {min_lr} exceeds the peak learning rate {lr}; lower --min_lr")
     scheduler_in_json = "scheduler" in config
     if scheduler_in_json:
         _fill_auto(config["scheduler"].setdefault("params", {}), {

@@ -19,6 +19,7 @@ from typing import TextIO
 import torch
 
 from marjara.errors import MarjaraError, cli_entry
+from marjara.sampling import check_fits
 from marjara.tokenizer import Tokenizer
 
 DTYPE_FLAGS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -76,6 +77,7 @@ def generate_text(model, tokenizer: Tokenizer, prompts: list[str], max_new_token
     out = out or sys.stdout
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=tokenizer.eot_id, seed=seed)
+    check_fits(model.config, max(len(e) for e in encoded), max_new_tokens)  # before anything is printed
     if len(prompts) == 1:
         out.write(prompts[0])
         stream = TextStream(tokenizer, out)
@@ -113,6 +115,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise MarjaraError(f"--device {device!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise MarjaraError(f"--device {device}: this torch build sees no CUDA GPU; use --device cpu")
+
+
 @cli_entry
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -121,6 +132,7 @@ def main(argv=None) -> int:
     from marjara.sampling import check_sampling_args
 
     check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    check_device(args.device)
     dtype = DTYPE_FLAGS[args.dtype] if args.dtype else None
     model, tokenizer = load_for_inference(args.model, tag=args.tag, ema=args.ema, device=args.device, dtype=dtype)
     generate_text(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)

@@ -48,6 +48,14 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
         raise MarjaraError(f"max_new_tokens must be >= 0 (got {max_new_tokens})")
 
 
+def check_fits(config, longest_prompt: int, max_new_tokens: int) -> None:
+    if longest_prompt + max_new_tokens > config.max_seq_len:
+        raise MarjaraError(
+            f"longest prompt ({longest_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's max_seq_len ({config.max_seq_len}); shorten the prompt or ask for fewer tokens"
+        )
+
+
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
@@ -65,12 +73,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     config = model.config
     device = model.tok_emb.weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
+    check_fits(config, int(lengths.max()), max_new_tokens)
     total = int(lengths.max()) + max_new_tokens
-    if total > config.max_seq_len:
-        raise MarjaraError(
-            f"longest prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-            f"model's max_seq_len ({config.max_seq_len}); shorten the prompt or ask for fewer tokens"
-        )
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
 

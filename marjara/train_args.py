@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from marjara.config import PRESETS
+from marjara.errors import MarjaraError
 
 # Flags whose value may also come from the DeepSpeed JSON. Their argparse default is None so that
 # an explicit flag can be told apart from an unset one (see marjara/ds_config.py for the rule).
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tensorboard event folder; default: the JSON's tensorboard output_path/job_name, else OUT_DIR/tensorboard")
     run.add_argument("--out_dir", default="checkpoints", help="checkpoint folder (DeepSpeed layout)")
     run.add_argument("--save_interval", type=int, default=400, help="steps between checkpoints; 0: only at the end")
-    run.add_argument("--keep_last", type=int, default=3, help="checkpoints kept (the one `latest` names always is)")
+    run.add_argument("--keep_last", type=int, default=3, help="checkpoints kept (the one `latest` names always is); 0 keeps all")
     run.add_argument("--resume", default=None, help="checkpoint folder (uses `latest`) or folder/TAG to resume from")
     run.add_argument("--sample_tokens", type=int, default=200, help="tokens of the sample printed at the end; 0: none")
     run.add_argument("--peak_tflops", type=float, default=None,
@@ -92,5 +93,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Values no run can use, refused before anything starts (the JSON-backed ones are checked
+    with the JSON in marjara/ds_config.py)."""
+    problems = []
+    for name in ("max_steps", "log_interval", "eval_batches"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be >= 1 (got {getattr(args, name)})")
+    for name in ("warmup_steps", "eval_interval", "save_interval", "keep_last", "sample_tokens", "weight_decay"):
+        if getattr(args, name) < 0:
+            problems.append(f"--{name} must be >= 0 (got {getattr(args, name)})")
+    if args.seq_len is not None and args.seq_len < 1:
+        problems.append(f"--seq_len must be >= 1 (got {args.seq_len})")
+    if not 0.0 <= args.ema_decay < 1.0:
+        problems.append(f"--ema_decay must be in [0, 1) (got {args.ema_decay}); 0 disables EMA")
+    if args.lr is not None and args.lr <= 0:
+        problems.append(f"--lr must be > 0 (got {args.lr})")
+    if args.min_lr is not None and args.min_lr < 0:
+        problems.append(f"--min_lr must be >= 0 (got {args.min_lr})")
+    if problems:
+        raise MarjaraError("; ".join(problems))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    return args

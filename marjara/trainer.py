@@ -67,7 +67,7 @@ class Learner:
         self.report = Reporter(self.rank == 0, self.settings.log_dir, Path(args.out_dir) / "metrics.jsonl",
                                args.max_steps, self.resume.meta["step"] if self.resume else 0)
 
-        seq_len = args.seq_len or PRESETS[args.model_size]["max_seq_len"]
+        seq_len = args.seq_len if args.seq_len is not None else PRESETS[args.model_size]["max_seq_len"]
         self.data = open_data(args.data, seq_len, args.tokenizer)
         self.seq_len = seq_len
         self.config = model_config_from_args(args, self.data.vocab_size, seq_len)
@@ -102,6 +102,11 @@ class Learner:
 
     # ---- set-up ---------------------------------------------------------------------------
     def _check_compatible(self, meta: dict) -> None:
+        if meta["zero_stage"] != self.settings.zero_stage:
+            raise MarjaraError(
+                f"--resume {self.args.resume}: the checkpoint was saved under ZeRO stage {meta['zero_stage']}, this run "
+                f"uses stage {self.settings.zero_stage}; resume with ds_configs/zero{meta['zero_stage']}.json or a copy of it"
+            )
         saved = ModelConfig.from_dict(meta["model_config"])
         differences = saved.differences(self.config)
         if differences:
@@ -235,8 +240,10 @@ class Learner:
                 x, y = self.stream.next_micro_batch()
                 _, loss = engine(x.to(engine.device), y.to(engine.device))
                 engine.backward(loss)
-                if engine.is_gradient_accumulation_boundary() and self._measure_grad_norm:
-                    self._grad_norm = self._replica_grad_norm()
+                if engine.is_gradient_accumulation_boundary():
+                    self._step_lr = engine.get_lr()[0]  # engine.step() advances the scheduler
+                    if self._measure_grad_norm:
+                        self._grad_norm = self._replica_grad_norm()
                 engine.step()
                 aux = self.model.last_aux_loss
                 sums += torch.stack([loss.detach().float().cpu(),
@@ -278,7 +285,7 @@ class Learner:
 
     def _log_train(self, means: torch.Tensor, tokens_per_sec: float, flops_per_token: float, peak: float) -> None:
         loss, aux = self._mean_over_ranks(means).tolist()
-        lr = self.engine.get_lr()[0]
+        lr = self._step_lr
         values = {"train/loss": loss, "train/lr": lr, "train/tokens_per_sec": tokens_per_sec}
         if peak > 0:
             values["train/mfu"] = flops_per_token * tokens_per_sec / (peak * 1e12 * self.world)
@@ -307,8 +314,8 @@ class Learner:
         for x, y in self.val_batches:
             logits, _ = self.engine(x.to(self.engine.device))
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.to(logits.device).view(-1),
-                                   reduction="sum")
-            totals += torch.tensor([loss.item(), y.numel()], dtype=torch.float64)
+                                   reduction="sum", ignore_index=-1)
+            totals += torch.tensor([loss.item(), int((y != -1).sum())], dtype=torch.float64)
         self.engine.train()
         if self.world > 1:
             dist.all_reduce(totals)

@@ -51,3 +51,13 @@ def test_rotation_never_deletes_what_latest_names(tmp_path):
     save(FakeEngine(), tmp_path, 5, keep_last=1)
     assert (tmp_path / "latest").read_text() == "global_step5"
     assert (tmp_path / "global_step5" / ckpt.META_FILE).exists()
+
+
+def test_re_saving_the_step_latest_names_moves_latest_back_first(tmp_path):
+    save(FakeEngine(), tmp_path, 2)
+    save(FakeEngine(), tmp_path, 4)
+    # A run resumed from step 2 into the same folder saves step 4 again, and dies doing it.
+    with pytest.raises(KeyboardInterrupt):
+        save(FakeEngine(crash_at=4), tmp_path, 4)
+    assert (tmp_path / "latest").read_text() == "global_step2"
+    assert ckpt.find_resume_point(str(tmp_path)).tag == "global_step2"

@@ -230,3 +230,12 @@ def test_windows_are_int64_with_bounds():
     with pytest.raises(IndexError):
         ds.window(3)
     assert get_tokenizer("bytes").decode(ds.windows([0, 1])[:, 0]) == "\x00\x03"
+
+
+def test_a_bin_with_a_sidecar_meta_takes_the_val_bin_beside_it(tmp_path):
+    np.arange(5000, dtype=np.uint16).__mod__(250).astype(np.uint16).tofile(tmp_path / "corpus.bin")
+    (tmp_path / "corpus.meta.json").write_text(json.dumps(
+        {"dtype": "uint16", "tokenizer": "bytes", "vocab_size": 257, "tokens": 5000, "format_version": 1}))
+    (np.arange(600) % 250).astype(np.uint16).tofile(tmp_path / "val.bin")
+    src = open_data(str(tmp_path / "corpus.bin"), 32)
+    assert (src.train.n_tokens, src.val.n_tokens) == (5000, 600)

@@ -86,14 +86,17 @@ def test_unfinished_bytes_are_shown_when_generation_stops():
     (["--prompt", "a", "--temperature", "-1"], "temperature must be >= 0"),
     (["--prompt", "a" * 250, "--max_new_tokens", "10"], "exceeds the model's max_seq_len (256)"),
     (["--prompt", "a", "--ema"], "--tag and --ema apply only to checkpoint folders"),
+    (["--prompt", "a", "--device", "nonsense"], "is not a device name"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, args, message):
     _, out = exported(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         main([str(out), *args])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert captured.out == ""  # nothing printed before the error
 
 
 def test_a_folder_that_is_neither_model_nor_checkpoint(capsys, tmp_path):

@@ -119,3 +119,17 @@ def test_validation_ranks_match_when_world_does_not_divide():
 def test_validation_cycles_a_small_set():
     x, y = validation_batches(dataset(3), 5, 1, 0, 1)[0]
     assert windows_of(x) == [0, 1, 2, 0, 1] and torch.equal(x[:, 1:], y[:, :-1])
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
+def test_validation_set_counts_each_window_once_whatever_the_world_size(world_size):
+    dataset = TokenDataset(np.arange(4001) % 97, 16, "val")
+    counted = sorted(
+        tuple(x[i, :3].tolist())
+        for rank in range(world_size)
+        for x, y in validation_batches(dataset, 4, 2, rank, world_size)
+        for i in range(len(x))
+        if (y[i] != -1).all()
+    )
+    reference = sorted(tuple(x[i, :3].tolist()) for x, _ in validation_batches(dataset, 4, 2, 0, 1) for i in range(len(x)))
+    assert counted == reference

@@ -99,6 +99,14 @@ def test_resume_with_another_model_lists_the_differences(uninterrupted, tmp_path
     assert not (tmp_path / "latest").exists()
 
 
+def test_resume_under_another_zero_stage_is_refused(uninterrupted, tmp_path):
+    out, _ = uninterrupted
+    result = run_train(RUN + ["--out_dir", str(tmp_path), "--resume", str(out),
+                              "--deepspeed_config", "ds_configs/zero1.json"], check=False)
+    assert result.returncode == 2
+    assert "saved under ZeRO stage 0, this run uses stage 1" in result.stderr.strip().splitlines()[-1]
+
+
 def test_an_incomplete_checkpoint_is_refused(uninterrupted, tmp_path):
     out, _ = uninterrupted
     broken = tmp_path / "ck"
@@ -117,6 +125,11 @@ def test_an_incomplete_checkpoint_is_refused(uninterrupted, tmp_path):
     (["--deepspeed_config", "ds_configs/zero2.json", "--batch_size", "0"], "batch_size must be a positive integer"),
     (["--data", "missing.txt"], "missing.txt"),
     (["--resume", "nowhere/"], "--resume nowhere/: no such folder"),
+    (["--ema_decay", "1.5"], "--ema_decay must be in [0, 1)"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--log_interval", "0"], "--log_interval must be >= 1"),
+    (["--seq_len", "0"], "--seq_len must be >= 1"),
+    (["--min_lr", "0.5"], "--min_lr 0.5 exceeds the peak learning rate"),
 ])
 def test_bad_flags_stop_with_one_clear_line(tmp_path, args, message):
     args = [str(tmp_path / "bad.json") if a == "BAD_JSON" else a for a in args]

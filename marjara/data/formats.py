@@ -76,8 +76,8 @@ def expected_token_count(info: TokenFileInfo, bin_path: Path) -> int | None:
         return None
     if info.meta_path.name == "meta.json":
         key = {"train.bin": "train_tokens", "val.bin": "val_tokens"}.get(bin_path.name)
-    else:
-        key = "tokens"
+    else:  # an X.meta.json sidecar counts X.bin's tokens only (val.bin may borrow its dtype and tokenizer)
+        key = "tokens" if info.meta_path.name == bin_path.stem + ".meta.json" else None
     value = info.meta.get(key) if key else None
     return value if isinstance(value, int) else None
 

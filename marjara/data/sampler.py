@@ -132,7 +132,8 @@ def validation_batches(dataset: TokenDataset, batch_size: int, n_batches: int, r
     on the seed. Rank r takes the contiguous share [r*P, (r+1)*P) with P = ceil(T / world_size),
     T = n_batches * batch_size, in batches of at most batch_size. Every rank gets the same number
     and sizes of batches (ZeRO-3 and MoE need matching forward passes), so when world_size does not
-    divide T the last shares wrap around to the set's first windows.
+    divide T the last shares wrap around to the set's first windows, with targets -1 (to be ignored:
+    the set's loss is then the same for every world size).
     """
     if batch_size < 1 or n_batches < 1:
         raise MarjaraError(f"validation needs batch_size >= 1 and n_batches >= 1 (got {batch_size}, {n_batches})")
@@ -141,6 +142,12 @@ def validation_batches(dataset: TokenDataset, batch_size: int, n_batches: int, r
     total = batch_size * n_batches
     n = len(dataset)
     per_rank = math.ceil(total / world_size)
-    positions = np.arange(rank * per_rank, (rank + 1) * per_rank) % total
+    unwrapped = np.arange(rank * per_rank, (rank + 1) * per_rank)
+    positions = unwrapped % total
     windows = positions * n // total if total <= n else positions % n
-    return [_to_xy(dataset.windows(windows[i : i + batch_size])) for i in range(0, per_rank, batch_size)]
+    batches = []
+    for i in range(0, per_rank, batch_size):
+        x, y = _to_xy(dataset.windows(windows[i : i + batch_size]))
+        y[unwrapped[i : i + batch_size] >= total] = -1  # padding rows: ignored by the loss
+        batches.append((x, y))
+    return batches
