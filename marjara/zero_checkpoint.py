@@ -7,7 +7,7 @@ Where the weights live, per ZeRO stage and training precision (DeepSpeed 0.19):
                     of each parameter group ("single_partition_of_fp32_groups"); "param_slice_mappings"
                     names the slice of it each parameter occupies. Parameters spread over consecutive
                     ranks, so a parameter's fragments follow one another in rank order.
-  stage 3           zero_pp_rank_R_mp_rank_00_model_states.pt hold empty placeholders; the fp32
+  stage 3           zero_pp_rank_R_mp_rank_00_model_states.pt hold empty stand-ins; the fp32
                     masters are in the optim files' "fp32_flat_groups": every parameter takes
                     ceil(numel / world) elements of every rank's (virtually concatenated) groups.
   stage 0, bf16     the fp32 masters sit in the model states' optimizer without parameter names;
