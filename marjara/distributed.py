@@ -25,16 +25,13 @@ def ensure_process_group() -> None:
     would otherwise fall into MPI discovery and fail without mpi4py. Under a bare `mpirun`,
     DeepSpeed's MPI discovery (mpi4py) fills the variables in.
     """
-    if dist.is_initialized():
-        import deepspeed.comm
-
-        if not deepspeed.comm.is_initialized():
-            deepspeed.init_distributed(dist_backend=dist.get_backend())
-        return
     import deepspeed
+    import deepspeed.comm
 
+    if deepspeed.comm.is_initialized():
+        return
     under_mpi = any(var in os.environ for var in _MPI_VARS)
-    if not under_mpi and not all(var in os.environ for var in _LAUNCHER_VARS):
+    if not dist.is_initialized() and not under_mpi and not all(var in os.environ for var in _LAUNCHER_VARS):
         # A one-rank world of our own. It is passed to torch directly rather than through
         # MASTER_PORT & co., which child processes (other launches) would inherit and collide on.
         from deepspeed.accelerator import get_accelerator
@@ -42,7 +39,8 @@ def ensure_process_group() -> None:
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine insists on it
         dist.init_process_group(get_accelerator().communication_backend_name(), rank=0, world_size=1,
                                 init_method=f"tcp://127.0.0.1:{_free_port()}")
-    # The accelerator picks the backend: nccl on NVIDIA GPUs, gloo on CPU.
+    # The accelerator picks the backend (nccl on NVIDIA GPUs, gloo on CPU); a torch process group
+    # that already exists is adopted as it is.
     deepspeed.init_distributed(auto_mpi_discovery=under_mpi, verbose=False)
 
 
@@ -52,10 +50,6 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    return rank() == 0
 
 
 def shutdown() -> None:

@@ -73,9 +73,6 @@ class WeightEMA:
             self.values = {name: src.detach().float().clone() for name, src in self._sources.items()}
         self._names = list(self.values)
 
-    def numel(self) -> int:
-        return sum(v.numel() for v in self.values.values())
-
     @torch.no_grad()
     def update(self) -> None:
         if not self._names:
