@@ -15,10 +15,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from marjara import checkpointing as ckpt
+from marjara.allocator import active_allocator
 from marjara.config import PRESETS, ModelConfig
 from marjara.data import TrainStream, open_data, validation_batches
 from marjara.distributed import ensure_process_group, rank, world_size
 from marjara.ds_config import resolve_engine_settings
+from marjara.engine import initialize_engine
 from marjara.ema import WeightEMA, merge_ema_states
 from marjara.errors import MarjaraError
 from marjara.metrics import Reporter, device_peak_tflops
@@ -46,13 +48,6 @@ def quiet_libraries(this_rank: int) -> None:
 
     deepspeed.utils.logger.setLevel(logging.WARNING if this_rank == 0 else logging.ERROR)
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-
-
-def skip_single_rank_allreduce(engine) -> None:
-    """With one data-parallel rank, ZeRO-0's gradient all-reduce only copies every gradient through
-    flat buckets and back; skip it (ZeRO 1-3 move gradients into their partitions there, so stay)."""
-    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
-        engine.enable_backward_allreduce = False
 
 
 class Learner:
@@ -134,8 +129,6 @@ class Learner:
         model.checkpoint_fn = deepspeed.checkpointing.non_reentrant_checkpoint
 
     def _build_engine(self, model: MarjaraModel):
-        import deepspeed
-
         s, args = self.settings, self.args
         groups = parameter_groups(model, args.weight_decay)
         optimizer = None if s.optimizer_in_json else build_adamw(groups, s.lr)
@@ -146,10 +139,8 @@ class Learner:
         self.universal = bool(self.resume and s.zero_stage > 0 and self.resume.meta["world_size"] != self.world)
         if self.universal:
             s.ds_config["checkpoint"] = {**s.ds_config.get("checkpoint", {}), "load_universal": True}
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                          model_parameters=groups if optimizer is None else None,
-                                          config=s.ds_config)
-        skip_single_rank_allreduce(engine)
+        engine = initialize_engine(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                   model_parameters=groups if optimizer is None else None, config=s.ds_config)
         self._group_hparams = [{k: v for k, v in g.items() if k != "params"} for g in groups]
         return engine
 
@@ -159,6 +150,7 @@ class Learner:
                               "all-to-all); training uncompiled")
             return
         self.engine.compile()
+        self.report.print("--compile: the model runs under torch.compile; the first step includes compiling it")
 
     # ---- resume -------------------------------------------------------------------------
     def _load(self, point: ckpt.ResumePoint) -> tuple[int, int]:
@@ -230,7 +222,7 @@ class Learner:
             f"model={self.config.preset} ({self.model.num_parameters() / 1e6:.2f}M params, "
             f"{self.model.num_active_parameters() / 1e6:.2f}M active) data={self.data.description} "
             f"tokenizer={self.data.tokenizer_name} global_batch={tokens_per_step} tokens "
-            f"peak={peak:.2f} TFLOP/s ({peak_source})")
+            f"peak={peak:.2f} TFLOP/s ({peak_source})" + ("" if self.has_gpu else f" malloc={active_allocator()}"))
         self._install_signal_handlers()
         sums = torch.zeros(2)  # loss, aux loss over the log interval
         window_steps, window_start = 0, time.perf_counter()
