@@ -33,6 +33,11 @@ def two_rank_zero2(tmp_path_factory):
     return two_ranks(tmp_path_factory, "z2", "zero2.json")
 
 
+@pytest.fixture(scope="module")
+def two_rank_zero3(tmp_path_factory):
+    return two_ranks(tmp_path_factory, "z3", "zero3.json")
+
+
 def assert_trains_like_reference(out, reference, tolerance=2e-4):
     losses, expected = train_losses(out), train_losses(reference)
     assert sorted(losses) == list(range(1, STEPS + 1))
@@ -66,8 +71,8 @@ def test_zero2_two_ranks_match_one_rank_over_the_same_global_batch(two_rank_zero
     assert result.stdout.count("world_size=2") == 1  # only rank 0 prints
 
 
-def test_zero3_two_ranks_and_its_sharded_ema_loses_no_update(tmp_path_factory, one_rank_zero2):
-    out, _ = two_ranks(tmp_path_factory, "z3", "zero3.json")
+def test_zero3_two_ranks_and_its_sharded_ema_loses_no_update(two_rank_zero3, one_rank_zero2):
+    out, _ = two_rank_zero3
     assert_trains_like_reference(out, one_rank_zero2)
     sharded = ema_weights(out / f"global_step{STEPS}")
     reference = ema_weights(one_rank_zero2 / f"global_step{STEPS}")
@@ -94,24 +99,26 @@ def test_moe_expert_parallel_two_ranks_under_zero2(tmp_path_factory):
     assert "weights identical on all 2 ranks" in result.stdout
 
 
-def test_resume_two_ranks_on_one_rank_continues_the_run(tmp_path_factory, two_rank_zero2, one_rank_zero2):
-    source, _ = two_rank_zero2
-    out = tmp_path_factory.mktemp("2to1")
-    result = run_train(COMMON + ["--deepspeed_config", "ds_configs/zero2.json", "--batch_size", "8",
-                                 "--out_dir", str(out), "--resume", str(source / "global_step4")])
-    assert "universal" in result.stdout
-    resumed, original = train_losses(out), train_losses(source)
+def assert_resumed_run_continues(out, original):
+    """A run resumed at step 4 of `original` logs steps 5..8 with its losses, and ends on its EMA."""
+    resumed, losses = train_losses(out), train_losses(original)
     assert sorted(resumed) == list(range(5, STEPS + 1))
     for step in resumed:
-        assert resumed[step] == pytest.approx(original[step], abs=2e-4)
-    assert_same_weights(ema_weights(out / f"global_step{STEPS}"), ema_weights(source / f"global_step{STEPS}"))
+        assert resumed[step] == pytest.approx(losses[step], abs=2e-4)
+    assert_same_weights(ema_weights(out / f"global_step{STEPS}"), ema_weights(original / f"global_step{STEPS}"))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_two_ranks_on_one_rank_continues_the_run(stage, request, tmp_path_factory):
+    source, _ = request.getfixturevalue(f"two_rank_zero{stage}")
+    out = tmp_path_factory.mktemp(f"2to1_zero{stage}")
+    result = run_train(COMMON + ["--deepspeed_config", f"ds_configs/zero{stage}.json", "--batch_size", "8",
+                                 "--out_dir", str(out), "--resume", str(source / "global_step4")])
+    assert "universal" in result.stdout
+    assert_resumed_run_continues(out, source)
 
 
 def test_resume_one_rank_on_two_ranks_continues_the_run(tmp_path_factory, one_rank_zero2):
-    out, result = two_ranks(tmp_path_factory, "1to2", "zero2.json",
-                            extra=["--resume", str(one_rank_zero2 / "global_step4")])
-    resumed, original = train_losses(out), train_losses(one_rank_zero2)
-    assert sorted(resumed) == list(range(5, STEPS + 1))
-    for step in resumed:
-        assert resumed[step] == pytest.approx(original[step], abs=2e-4)
-    assert_same_weights(ema_weights(out / f"global_step{STEPS}"), ema_weights(one_rank_zero2 / f"global_step{STEPS}"))
+    out, _ = two_ranks(tmp_path_factory, "1to2", "zero2.json",
+                       extra=["--resume", str(one_rank_zero2 / "global_step4")])
+    assert_resumed_run_continues(out, one_rank_zero2)

@@ -150,6 +150,17 @@ def test_compile_with_moe_says_so_once_and_trains_uncompiled(tmp_path):
     assert sorted(train_losses(tmp_path)) == [1, 2]
 
 
+def test_compile_of_a_dense_model_trains_as_the_uncompiled_one(tmp_path):
+    common = QUICK + ["--max_steps", "3", "--batch_size", "2"]
+    compiled = run_train(common + ["--compile", "--out_dir", str(tmp_path / "compiled")])
+    assert "--compile: the model runs under torch.compile" in compiled.stdout
+    run_train(common + ["--out_dir", str(tmp_path / "eager")])
+    losses, expected = train_losses(tmp_path / "compiled"), train_losses(tmp_path / "eager")
+    assert sorted(losses) == [1, 2, 3]
+    for step in losses:
+        assert losses[step] == pytest.approx(expected[step], abs=1e-4), (losses, expected)
+
+
 def test_help_documents_every_flag():
     result = subprocess.run([sys.executable, TRAIN, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
