@@ -1,8 +1,15 @@
 """Training throughput through the DeepSpeed engine vs. a plain PyTorch loop, MFU, and per-rank
 model-state memory of ZeRO 0/1/2/3 on 2 ranks. Every figure is measured in this run:
 
-    python bench/train.py [--preset small] [--batch_size 4] [--seq_len 128] [--steps 6]
+    python bench/train.py [--preset small] [--batch_size 4] [--seq_len 128] [--grad_accum 8] [--steps 2]
+    python bench/train.py --grad_accum 1 --steps 6 --rounds 3 --skip_memory   # one micro-batch per step
     python bench/train.py --preset medium --precision bf16 --skip_memory      # on a GPU
+
+ZeRO-1's optimizer step costs the same whatever the tokens behind it; the default of 8
+micro-batches (4096 tokens) per optimizer step is still far fewer than a pre-training step holds.
+
+On a CPU with tcmalloc installed, the throughput table is measured twice, each in a fresh process:
+under glibc's malloc and under a preloaded tcmalloc.
 """
 
 from __future__ import annotations
@@ -23,20 +30,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import marjara  # noqa: E402,F401
+from marjara.allocator import active_allocator, find_tcmalloc  # noqa: E402
 from marjara.config import ModelConfig  # noqa: E402
 from marjara.distributed import ensure_process_group, rank, world_size  # noqa: E402
+from marjara.engine import initialize_engine  # noqa: E402
 from marjara.ds_config import resolve_engine_settings  # noqa: E402
 from marjara.metrics import device_peak_tflops  # noqa: E402
 from marjara.model import MarjaraModel  # noqa: E402
 from marjara.optim import build_adamw, parameter_groups  # noqa: E402
 from marjara.train_args import parse_args  # noqa: E402
-from marjara.trainer import skip_single_rank_allreduce  # noqa: E402
 
 
-def ds_config(stage: int, batch: int, precision: str) -> dict:
+def ds_config(stage: int, batch: int, precision: str, grad_accum: int = 1) -> dict:
     """The shipped ds_configs/zeroN.json, resolved exactly as train.py resolves it."""
-    args = parse_args(["--deepspeed_config", str(ROOT / "ds_configs" / f"zero{stage}.json"),
-                       "--batch_size", str(batch), "--mixed_precision", precision])
+    args = parse_args(["--deepspeed_config", str(ROOT / "ds_configs" / f"zero{stage}.json"), "--batch_size",
+                       str(batch), "--grad_accum", str(grad_accum), "--mixed_precision", precision])
     return resolve_engine_settings(args, world_size(), torch.cuda.is_available(), use_moe=False).ds_config
 
 
@@ -51,55 +59,57 @@ def batches(config: ModelConfig, batch: int, seq_len: int, n: int, device) -> li
     return [(b[:, :-1].to(device), b[:, 1:].to(device)) for b in data]
 
 
+def optimizer_steps(config: ModelConfig, args, device) -> list[list]:
+    """args.steps + 1 optimizer steps (the first is a warm-up) of args.grad_accum micro-batches each."""
+    micro = batches(config, args.batch_size, args.seq_len, (args.steps + 1) * args.grad_accum, device)
+    return [micro[i:i + args.grad_accum] for i in range(0, len(micro), args.grad_accum)]
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
-def time_plain(preset, batch, seq_len, steps, precision, device) -> float:
-    model = build(preset).to(device)
-    optimizer = build_adamw(parameter_groups(model, 0.1), 1e-4)
-    data = batches(model.config, batch, seq_len, steps + 1, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+def tokens_per_sec(step, data) -> float:
+    """Run step(micro_batches) on every optimizer step; the first is a warm-up, the rest are timed."""
+    step(data[0])
+    sync()
+    start = time.perf_counter()
+    for micro_batches in data[1:]:
+        step(micro_batches)
+    sync()
+    return sum(x.numel() for micro_batches in data[1:] for x, _ in micro_batches) / (time.perf_counter() - start)
 
-    def step(x, y):
-        with autocast:
-            _, loss = model(x, targets=y)
-        loss.backward()
+
+def time_plain(args, device) -> float:
+    model = build(args.preset).to(device)
+    optimizer = build_adamw(parameter_groups(model, 0.1), 1e-4)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def step(micro_batches):
+        for x, y in micro_batches:
+            with autocast:
+                _, loss = model(x, targets=y)
+            (loss / len(micro_batches)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return tokens_per_sec(step, data)
+    return tokens_per_sec(step, optimizer_steps(model.config, args, device))
 
 
-def tokens_per_sec(step, data) -> float:
-    """Run step(x, y) on every batch; the first is a warm-up, the rest are timed."""
-    step(*data[0])
-    sync()
-    start = time.perf_counter()
-    for x, y in data[1:]:
-        step(x, y)
-    sync()
-    return sum(x.numel() for x, _ in data[1:]) / (time.perf_counter() - start)
+def time_engine(args, stage: int) -> float:
+    model = build(args.preset)
+    engine = initialize_engine(model=model, optimizer=build_adamw(parameter_groups(model, 0.1), 1e-4),
+                               config=ds_config(stage, args.batch_size, args.precision, args.grad_accum))
 
+    def step(micro_batches):
+        for x, y in micro_batches:  # the engine scales the loss by 1/grad_accum and steps at the boundary
+            _, loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
 
-def time_engine(preset, batch, seq_len, steps, precision, stage, device) -> float:
-    import deepspeed
-
-    model = build(preset)
-    groups = parameter_groups(model, 0.1)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_adamw(groups, 1e-4),
-                                      config=ds_config(stage, batch, precision))
-    skip_single_rank_allreduce(engine)  # as the trainer does
-    data = batches(model.config, batch, seq_len, steps + 1, engine.device)
-
-    def step(x, y):
-        _, loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-
-    return tokens_per_sec(step, data)
+    return tokens_per_sec(step, optimizer_steps(model.config, args, engine.device))
 
 
 def model_state_bytes(engine) -> int:
@@ -113,7 +123,12 @@ def model_state_bytes(engine) -> int:
             total += t.numel() * t.element_size()
 
     for p in engine.module.parameters():
-        add(p.ds_tensor if hasattr(p, "ds_tensor") else p)
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's shard, and the whole of a persistent parameter
+            add(p.ds_tensor)
+            if getattr(p, "ds_persist", False):
+                add(p.data)
+        else:
+            add(p)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     # The optimizer's state is keyed by the tensors it updates (the fp32 masters, or the flat
     # partitions ZeRO hands it; ZeRO-3 empties param_groups between steps).
@@ -127,13 +142,11 @@ def model_state_bytes(engine) -> int:
 def memory_worker(args) -> None:
     """Runs on each rank under torchrun: one ZeRO stage, one optimizer step (Adam's state exists
     from then on; its size does not depend on the batch, so the batch is tiny), then its memory."""
-    import deepspeed
-
     ensure_process_group()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model = build(args.preset)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_adamw(parameter_groups(model, 0.1), 1e-4),
-                                      config=ds_config(args.stage, 1, args.precision))
+    engine = initialize_engine(model=model, optimizer=build_adamw(parameter_groups(model, 0.1), 1e-4),
+                               config=ds_config(args.stage, 1, args.precision))
     for x, y in batches(model.config, 1, 16, 1, engine.device):
         _, loss = engine(x, y)
         engine.backward(loss)
@@ -155,43 +168,72 @@ def measure_memory(preset: str, precision: str, stage: int) -> dict:
     return json.loads(lines[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--seq_len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
-    parser.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--skip_memory", action="store_true")
-    parser.add_argument("--memory_worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.memory_worker:
-        return memory_worker(args)
-
+def throughput(args) -> dict:
+    """The engine-vs-plain table, under whichever malloc this process has; returns the medians."""
     ensure_process_group()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak, source = device_peak_tflops(None)
     model = build(args.preset)
     flops_per_token = model.flops_per_token(args.seq_len)
-    print(f"preset {args.preset} ({model.num_parameters() / 1e6:.1f}M params), micro-batch {args.batch_size} x "
-          f"{args.seq_len} tokens, {args.precision}, {torch.get_num_threads()} threads; peak {peak:.3f} TFLOP/s ({source})")
+    print(f"preset {args.preset} ({model.num_parameters() / 1e6:.1f}M params), {args.grad_accum} micro-batch(es) of "
+          f"{args.batch_size} x {args.seq_len} tokens per optimizer step, {args.precision}, {torch.get_num_threads()} threads, malloc: {active_allocator()}; "
+          f"peak {peak:.3f} TFLOP/s ({source})")
     del model
     results: dict[str, list[float]] = {"plain PyTorch": [], "engine ZeRO-0": [], "engine ZeRO-1": []}
     for _ in range(args.rounds):
-        results["plain PyTorch"].append(time_plain(args.preset, args.batch_size, args.seq_len, args.steps,
-                                                   args.precision, device))
+        results["plain PyTorch"].append(time_plain(args, device))
         for stage in (0, 1):
-            results[f"engine ZeRO-{stage}"].append(time_engine(args.preset, args.batch_size, args.seq_len, args.steps,
-                                                               args.precision, stage, device))
-    base = statistics.median(results["plain PyTorch"])
+            results[f"engine ZeRO-{stage}"].append(time_engine(args, stage))
+    medians = {name: statistics.median(values) for name, values in results.items()}
+    base = medians["plain PyTorch"]
     print(f"{'loop':<16}{'tokens/s':>12}{'vs plain':>10}{'MFU':>8}")
-    for name, values in results.items():
-        tps = statistics.median(values)
+    for name, tps in medians.items():
         mfu = flops_per_token * tps / (peak * 1e12) if peak else float("nan")
         print(f"{name:<16}{tps:>12,.0f}{tps / base:>9.2f}x{mfu:>8.1%}")
-    print("goal: engine >= 0.95x the plain loop at ZeRO 0/1 on one rank")
+    print("goal: engine >= 0.95x the plain loop at ZeRO 0/1 on one rank", flush=True)
+    return medians
+
+
+def throughput_under(allocator: str, args) -> dict:
+    """throughput() in a fresh process whose malloc is glibc's or a preloaded tcmalloc."""
+    env = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
+    if allocator == "tcmalloc":
+        env["LD_PRELOAD"] = find_tcmalloc()
+    cmd = [sys.executable, __file__, "--throughput_worker", "--preset", args.preset, "--precision", args.precision,
+           "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len), "--grad_accum", str(args.grad_accum),
+           "--steps", str(args.steps), "--rounds", str(args.rounds)]
+    out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    lines = out.stdout.splitlines()
+    print("\n".join(line for line in lines if not line.startswith("{")), flush=True)
+    if out.returncode != 0:
+        raise SystemExit(f"the {allocator} throughput run failed (exit {out.returncode})")
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--seq_len", type=int, default=128)
+    parser.add_argument("--grad_accum", type=int, default=8, help="micro-batches per optimizer step")
+    parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; medians are reported")
+    parser.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--skip_memory", action="store_true")
+    parser.add_argument("--memory_worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--throughput_worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_worker:
+        return memory_worker(args)
+    if args.throughput_worker:
+        return print(json.dumps(throughput(args)))
+
+    if torch.cuda.is_available() or not find_tcmalloc():
+        throughput(args)  # GPU memory comes from PyTorch's caching allocator whatever the malloc
+    else:
+        glibc, tcmalloc = (throughput_under(allocator, args) for allocator in ("glibc", "tcmalloc"))
+        print("tcmalloc vs glibc malloc: " + ", ".join(f"{name} {tcmalloc[name] / glibc[name]:.2f}x" for name in glibc))
     if args.skip_memory:
         return
     print("2 ranks, per-rank model state (parameters + fp32 masters + Adam moments, counted from tensors) "
