@@ -33,8 +33,8 @@ import marjara  # noqa: E402,F401
 from marjara.allocator import active_allocator, find_tcmalloc  # noqa: E402
 from marjara.config import ModelConfig  # noqa: E402
 from marjara.distributed import ensure_process_group, rank, world_size  # noqa: E402
-from marjara.engine import initialize_engine  # noqa: E402
 from marjara.ds_config import resolve_engine_settings  # noqa: E402
+from marjara.engine import initialize_engine  # noqa: E402
 from marjara.metrics import device_peak_tflops  # noqa: E402
 from marjara.model import MarjaraModel  # noqa: E402
 from marjara.optim import build_adamw, parameter_groups  # noqa: E402
@@ -175,9 +175,9 @@ def throughput(args) -> dict:
     peak, source = device_peak_tflops(None)
     model = build(args.preset)
     flops_per_token = model.flops_per_token(args.seq_len)
-    print(f"preset {args.preset} ({model.num_parameters() / 1e6:.1f}M params), {args.grad_accum} micro-batch(es) of "
-          f"{args.batch_size} x {args.seq_len} tokens per optimizer step, {args.precision}, {torch.get_num_threads()} threads, malloc: {active_allocator()}; "
-          f"peak {peak:.3f} TFLOP/s ({source})")
+    print(f"preset {args.preset} ({model.num_parameters() / 1e6:.1f}M params), {args.grad_accum} micro-batch(es) "
+          f"of {args.batch_size} x {args.seq_len} tokens per optimizer step, {args.precision}, "
+          f"{torch.get_num_threads()} threads, malloc: {active_allocator()}; peak {peak:.3f} TFLOP/s ({source})")
     del model
     results: dict[str, list[float]] = {"plain PyTorch": [], "engine ZeRO-0": [], "engine ZeRO-1": []}
     for _ in range(args.rounds):
