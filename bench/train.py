@@ -2,7 +2,7 @@
 model-state memory of ZeRO 0/1/2/3 on 2 ranks. Every figure is measured in this run:
 
     python bench/train.py [--preset small] [--batch_size 4] [--seq_len 128] [--grad_accum 8] [--steps 2]
-    python bench/train.py --grad_accum 1 --steps 6 --rounds 3 --skip_memory   # one micro-batch per step
+    python bench/train.py --grad_accum 1 --steps 6 --skip_memory   # one micro-batch per optimizer step
     python bench/train.py --preset medium --precision bf16 --skip_memory      # on a GPU
 
 ZeRO-1's optimizer step costs the same whatever the tokens behind it; the default of 8
@@ -113,14 +113,14 @@ def time_engine(args, stage: int) -> float:
 
 
 def model_state_bytes(engine) -> int:
-    """Bytes of parameters and optimizer state (fp32 masters, Adam moments) this rank holds."""
-    seen, total = set(), 0
+    """Bytes of parameters and optimizer state (fp32 masters, Adam moments) this rank holds: the
+    union of the memory those tensors view, so that views of one buffer count once."""
+    spans: dict[int, list[tuple[int, int]]] = {}  # storage address -> [start, end) byte ranges
 
     def add(t):
-        nonlocal total
-        if torch.is_tensor(t) and t.numel() and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
+        if torch.is_tensor(t) and t.numel():
+            start = t.storage_offset() * t.element_size()
+            spans.setdefault(t.untyped_storage().data_ptr(), []).append((start, start + t.numel() * t.element_size()))
 
     for p in engine.module.parameters():
         if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's shard, and the whole of a persistent parameter
@@ -136,6 +136,12 @@ def model_state_bytes(engine) -> int:
         add(master)
         for value in state.values():
             add(value)
+    total = 0
+    for ranges in spans.values():
+        covered = 0  # bytes of this storage already counted, up to this offset
+        for start, end in sorted(ranges):
+            total += max(0, end - max(start, covered))
+            covered = max(covered, end)
     return total
 
 
@@ -205,9 +211,10 @@ def throughput_under(allocator: str, args) -> dict:
     out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
     lines = out.stdout.splitlines()
     print("\n".join(line for line in lines if not line.startswith("{")), flush=True)
-    if out.returncode != 0:
+    results = [line for line in lines if line.startswith("{")]
+    if out.returncode != 0 or not results:
         raise SystemExit(f"the {allocator} throughput run failed (exit {out.returncode})")
-    return json.loads(lines[-1])
+    return json.loads(results[-1])
 
 
 def main() -> None:
@@ -217,7 +224,7 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--grad_accum", type=int, default=8, help="micro-batches per optimizer step")
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; medians are reported")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
     parser.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32", choices=["fp32", "bf16"])
     parser.add_argument("--skip_memory", action="store_true")
     parser.add_argument("--memory_worker", action="store_true", help=argparse.SUPPRESS)
@@ -232,7 +239,8 @@ def main() -> None:
     if torch.cuda.is_available() or not find_tcmalloc():
         throughput(args)  # GPU memory comes from PyTorch's caching allocator whatever the malloc
     else:
-        glibc, tcmalloc = (throughput_under(allocator, args) for allocator in ("glibc", "tcmalloc"))
+        glibc = throughput_under("glibc", args)
+        tcmalloc = throughput_under("tcmalloc", args)
         print("tcmalloc vs glibc malloc: " + ", ".join(f"{name} {tcmalloc[name] / glibc[name]:.2f}x" for name in glibc))
     if args.skip_memory:
         return

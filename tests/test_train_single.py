@@ -150,10 +150,13 @@ def test_compile_with_moe_says_so_once_and_trains_uncompiled(tmp_path):
     assert sorted(train_losses(tmp_path)) == [1, 2]
 
 
-def test_compile_of_a_dense_model_trains_as_the_uncompiled_one(tmp_path):
+def test_compile_of_a_dense_model_trains_as_the_uncompiled_one(tmp_path, monkeypatch):
     common = QUICK + ["--max_steps", "3", "--batch_size", "2"]
-    compiled = run_train(common + ["--compile", "--out_dir", str(tmp_path / "compiled")])
+    with monkeypatch.context() as env:
+        env.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+        compiled = run_train(common + ["--compile", "--out_dir", str(tmp_path / "compiled")])
     assert "--compile: the model runs under torch.compile" in compiled.stdout
+    assert list((tmp_path / "inductor").rglob("*.py")), "inductor generated no code"
     run_train(common + ["--out_dir", str(tmp_path / "eager")])
     losses, expected = train_losses(tmp_path / "compiled"), train_losses(tmp_path / "eager")
     assert sorted(losses) == [1, 2, 3]
