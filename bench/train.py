@@ -3,7 +3,7 @@ model-state memory of ZeRO 0/1/2/3 on 2 ranks. Every figure is measured in this 
 
     python bench/train.py [--preset small] [--batch_size 4] [--seq_len 128] [--grad_accum 8] [--steps 2]
     python bench/train.py --grad_accum 1 --steps 6 --skip_memory   # one micro-batch per optimizer step
-    python bench/train.py --preset medium --precision bf16 --skip_memory      # on a GPU
+    python bench/train.py --preset medium --skip_memory --peak_tflops 790      # on an H200 (bf16 by default)
 
 ZeRO-1's optimizer step costs the same whatever the tokens behind it; the default of 8
 micro-batches (4096 tokens) per optimizer step is still far fewer than a pre-training step holds.
@@ -178,7 +178,7 @@ def throughput(args) -> dict:
     """The engine-vs-plain table, under whichever malloc this process has; returns the medians."""
     ensure_process_group()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peak, source = device_peak_tflops(None)
+    peak, source = device_peak_tflops(args.peak_tflops)
     model = build(args.preset)
     flops_per_token = model.flops_per_token(args.seq_len)
     print(f"preset {args.preset} ({model.num_parameters() / 1e6:.1f}M params), {args.grad_accum} micro-batch(es) "
@@ -208,6 +208,8 @@ def throughput_under(allocator: str, args) -> dict:
     cmd = [sys.executable, __file__, "--throughput_worker", "--preset", args.preset, "--precision", args.precision,
            "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len), "--grad_accum", str(args.grad_accum),
            "--steps", str(args.steps), "--rounds", str(args.rounds)]
+    if args.peak_tflops:
+        cmd += ["--peak_tflops", str(args.peak_tflops)]
     out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
     lines = out.stdout.splitlines()
     print("\n".join(line for line in lines if not line.startswith("{")), flush=True)
@@ -226,6 +228,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
     parser.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="the device's peak for MFU (default: a known GPU's bf16 peak, or a CPU fp32 matmul "
+                             "measured in this run)")
     parser.add_argument("--skip_memory", action="store_true")
     parser.add_argument("--memory_worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--throughput_worker", action="store_true", help=argparse.SUPPRESS)
