@@ -219,14 +219,21 @@ def throughput_under(allocator: str, args) -> dict:
     return json.loads(results[-1])
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--seq_len", type=int, default=128)
-    parser.add_argument("--grad_accum", type=int, default=8, help="micro-batches per optimizer step")
-    parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
+    parser.add_argument("--batch_size", type=positive_int, default=4)
+    parser.add_argument("--seq_len", type=positive_int, default=128)
+    parser.add_argument("--grad_accum", type=positive_int, default=8, help="micro-batches per optimizer step")
+    parser.add_argument("--steps", type=positive_int, default=2, help="timed optimizer steps")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved repetitions; medians are reported")
     parser.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32", choices=["fp32", "bf16"])
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the device's peak for MFU (default: a known GPU's bf16 peak, or a CPU fp32 matmul "
