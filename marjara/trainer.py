@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -191,12 +192,19 @@ class Learner:
                 state["step"] = state["step"].clone()
 
     # ---- training -----------------------------------------------------------------------
-    def _install_signal_handlers(self) -> None:
+    @contextlib.contextmanager
+    def _stop_requests(self):
+        """SIGTERM/SIGINT during training ask for a save and a clean stop. The previous handlers
+        come back afterwards, so nothing outside fit() keeps this Learner (and its engine) alive."""
         def request_stop(signum, _frame):
             self._signal = signum
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, request_stop)
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _stop_signal(self) -> int:
         flag = torch.tensor([self._signal], dtype=torch.int64)
@@ -213,6 +221,10 @@ class Learner:
 
     def fit(self) -> int:
         """Train to max_steps (or a stop signal); returns the process exit code."""
+        with self._stop_requests():
+            return self._train()
+
+    def _train(self) -> int:
         args, s, engine = self.args, self.settings, self.engine
         tokens_per_step = s.micro_batch * s.grad_accum * self.world * self.seq_len
         flops_per_token = self.model.flops_per_token(self.seq_len)
@@ -223,7 +235,6 @@ class Learner:
             f"{self.model.num_active_parameters() / 1e6:.2f}M active) data={self.data.description} "
             f"tokenizer={self.data.tokenizer_name} global_batch={tokens_per_step} tokens "
             f"peak={peak:.2f} TFLOP/s ({peak_source})" + ("" if self.has_gpu else f" malloc={active_allocator()}"))
-        self._install_signal_handlers()
         sums = torch.zeros(2)  # loss, aux loss over the log interval
         window_steps, window_start = 0, time.perf_counter()
         last_saved = self.step if self.resume else -1
