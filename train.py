@@ -5,8 +5,6 @@
     torchrun --nproc_per_node 8 train.py --deepspeed_config ds_configs/zero3.json ...
 """
 
-import sys
-
 import marjara  # noqa: F401  (sets DeepSpeed's accelerator before deepspeed is imported)
 from marjara.errors import cli_entry
 from marjara.train_args import parse_args
@@ -18,10 +16,15 @@ def main(argv=None) -> int:
     from marjara.distributed import shutdown
     from marjara.trainer import Learner
 
-    code = Learner(args).fit()
+    learner = Learner(args)
+    code = learner.fit()
+    learner.engine.destroy()  # removes its hooks, which keep its process groups alive
+    del learner
     shutdown()
     return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from marjara.distributed import exit_now
+
+    exit_now(main())

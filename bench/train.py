@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import marjara  # noqa: E402,F401
 from marjara.allocator import active_allocator, find_tcmalloc  # noqa: E402
 from marjara.config import ModelConfig  # noqa: E402
-from marjara.distributed import ensure_process_group, rank, world_size  # noqa: E402
+from marjara.distributed import ensure_process_group, exit_now, rank, shutdown, world_size  # noqa: E402
 from marjara.ds_config import resolve_engine_settings  # noqa: E402
 from marjara.engine import initialize_engine  # noqa: E402
 from marjara.metrics import device_peak_tflops  # noqa: E402
@@ -161,6 +161,8 @@ def memory_worker(args) -> None:
     if rank() == 0:
         print(json.dumps({"model_state_mb": model_state_bytes(engine) / 2**20,
                           "peak_rss_growth_mb": (peak - before) / 1024}), flush=True)
+    shutdown()
+    exit_now(0)
 
 
 def measure_memory(preset: str, precision: str, stage: int) -> dict:

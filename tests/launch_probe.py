@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from marjara.distributed import ensure_process_group  # noqa: E402
+from marjara.distributed import ensure_process_group, exit_now, shutdown  # noqa: E402
 
 ensure_process_group()
 rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -39,4 +39,5 @@ report = {
 }
 out_dir = Path(os.environ["PROBE_OUT_DIR"])
 (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
-dist.barrier()
+shutdown()
+exit_now(0)
