@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from marjara.config import ModelConfig  # noqa: E402
-from marjara.distributed import ensure_process_group  # noqa: E402
+from marjara.distributed import ensure_process_group, exit_now, shutdown  # noqa: E402
 from marjara.ffn import inference_routing  # noqa: E402
 from marjara.model import MarjaraModel  # noqa: E402
 
@@ -48,8 +48,9 @@ def main() -> None:
         logits, _ = engine(idx)
     if dist.get_rank() == 0:
         torch.save({"idx": idx, "logits": logits.float()}, out)
-    dist.barrier()
+    shutdown()
 
 
 if __name__ == "__main__":
     main()
+    exit_now(0)
