@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from marjara.config import ModelConfig
+from marjara.config import PRESETS, ModelConfig
 from marjara.data import TrainStream, open_data
 from marjara.data.corpus import default_corpus_documents
 from marjara.errors import MarjaraError
@@ -99,7 +99,7 @@ def main() -> None:
                         help="corpus size in megabytes (each worker loads the BPE once: small corpora hide the speed-up)")
     parser.add_argument("--tokenizer", default="gpt2")
     parser.add_argument("--repeats", type=int, default=1, help="prepare runs per setting (best is kept)")
-    parser.add_argument("--preset", default="small")
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
     parser.add_argument("--micro_batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()

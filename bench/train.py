@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import marjara  # noqa: E402,F401
 from marjara.allocator import active_allocator, find_tcmalloc  # noqa: E402
-from marjara.config import ModelConfig  # noqa: E402
+from marjara.config import PRESETS, ModelConfig  # noqa: E402
 from marjara.distributed import ensure_process_group, exit_now, rank, shutdown, world_size  # noqa: E402
 from marjara.ds_config import resolve_engine_settings  # noqa: E402
 from marjara.engine import initialize_engine  # noqa: E402
@@ -221,23 +221,28 @@ def throughput_under(allocator: str, args) -> dict:
     return json.loads(results[-1])
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def positive(kind):
+    """An argparse type: `kind`(text), refused in one line unless > 0."""
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, not {value}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
+    return parse
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--batch_size", type=positive_int, default=4)
-    parser.add_argument("--seq_len", type=positive_int, default=128)
-    parser.add_argument("--grad_accum", type=positive_int, default=8, help="micro-batches per optimizer step")
-    parser.add_argument("--steps", type=positive_int, default=2, help="timed optimizer steps")
-    parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved repetitions; medians are reported")
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    parser.add_argument("--batch_size", type=positive(int), default=4)
+    parser.add_argument("--seq_len", type=positive(int), default=128)
+    parser.add_argument("--grad_accum", type=positive(int), default=8, help="micro-batches per optimizer step")
+    parser.add_argument("--steps", type=positive(int), default=2, help="timed optimizer steps")
+    parser.add_argument("--rounds", type=positive(int), default=3, help="interleaved repetitions; medians are reported")
     parser.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--peak_tflops", type=float, default=None,
+    parser.add_argument("--peak_tflops", type=positive(float), default=None,
                         help="the device's peak for MFU (default: a known GPU's bf16 peak, or a CPU fp32 matmul "
                              "measured in this run)")
     parser.add_argument("--skip_memory", action="store_true")

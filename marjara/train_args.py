@@ -111,6 +111,8 @@ def check_args(args: argparse.Namespace) -> None:
         problems.append(f"--lr must be > 0 (got {args.lr})")
     if args.min_lr is not None and args.min_lr < 0:
         problems.append(f"--min_lr must be >= 0 (got {args.min_lr})")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        problems.append(f"--peak_tflops must be > 0 (got {args.peak_tflops}); leave it out to use the known or measured peak")
     if problems:
         raise MarjaraError("; ".join(problems))
 

@@ -65,6 +65,13 @@ def test_contradictions_stop_with_both_sides_named(tmp_path, config, flags, mess
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("lr", [0, -0.1, "fast"])
+def test_a_json_learning_rate_that_no_run_can_use_is_refused(tmp_path, lr):
+    with pytest.raises(MarjaraError) as err:
+        settings(tmp_path, {"optimizer": {"type": "AdamW", "params": {"lr": lr}}})
+    assert f"the learning rate must be > 0 (got {lr!r}" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_moe_with_zero3_and_fp16_on_cpu_are_refused_up_front(tmp_path):
     with pytest.raises(MarjaraError, match="--use_moe cannot run with ZeRO stage 3.*zero2.json"):
         settings(tmp_path, {"zero_optimization": {"stage": 3}}, moe=True)

@@ -130,6 +130,7 @@ def test_an_incomplete_checkpoint_is_refused(uninterrupted, tmp_path):
     (["--log_interval", "0"], "--log_interval must be >= 1"),
     (["--seq_len", "0"], "--seq_len must be >= 1"),
     (["--min_lr", "0.5"], "--min_lr 0.5 exceeds the peak learning rate"),
+    (["--peak_tflops", "0"], "--peak_tflops must be > 0"),
 ])
 def test_bad_flags_stop_with_one_clear_line(tmp_path, args, message):
     args = [str(tmp_path / "bad.json") if a == "BAD_JSON" else a for a in args]
