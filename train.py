@@ -7,14 +7,14 @@
 
 import marjara  # noqa: F401  (sets DeepSpeed's accelerator before deepspeed is imported)
 from marjara.errors import cli_entry
-from marjara.train_args import parse_args
+from marjara.train.args import parse_args
 
 
 @cli_entry
 def main(argv=None) -> int:
     args = parse_args(argv)
     from marjara.distributed import shutdown
-    from marjara.trainer import Learner
+    from marjara.train.learner import Learner
 
     learner = Learner(args)
     code = learner.fit()

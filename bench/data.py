@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from marjara.config import PRESETS, ModelConfig
+from marjara.model.config import PRESETS, ModelConfig
 from marjara.data import TrainStream, open_data
 from marjara.data.corpus import default_corpus_documents
 from marjara.errors import MarjaraError
 from marjara.model import MarjaraModel
 from marjara.prepare import default_workers, prepare
-from marjara.tokenizer import get_tokenizer
+from marjara.data.tokenizer import get_tokenizer
 
 
 def write_corpus(folder: Path, megabytes: float) -> int:

@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from marjara.config import ModelConfig
+from marjara.model.config import ModelConfig
 from marjara.model import MarjaraModel
-from marjara.sampling import output_head
+from marjara.model.generation import output_head
 
 
 @torch.no_grad()

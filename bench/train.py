@@ -30,15 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import marjara  # noqa: E402,F401
-from marjara.allocator import active_allocator, find_tcmalloc  # noqa: E402
-from marjara.config import PRESETS, ModelConfig  # noqa: E402
+from marjara.train.allocator import active_allocator, find_tcmalloc  # noqa: E402
+from marjara.model.config import PRESETS, ModelConfig  # noqa: E402
 from marjara.distributed import ensure_process_group, exit_now, rank, shutdown, world_size  # noqa: E402
-from marjara.ds_config import resolve_engine_settings  # noqa: E402
-from marjara.engine import initialize_engine  # noqa: E402
-from marjara.metrics import device_peak_tflops  # noqa: E402
+from marjara.train.ds_config import resolve_engine_settings  # noqa: E402
+from marjara.train.engine import initialize_engine  # noqa: E402
+from marjara.train.metrics import device_peak_tflops  # noqa: E402
 from marjara.model import MarjaraModel  # noqa: E402
-from marjara.optim import build_adamw, parameter_groups  # noqa: E402
-from marjara.train_args import parse_args  # noqa: E402
+from marjara.train.optim import build_adamw, parameter_groups  # noqa: E402
+from marjara.train.args import parse_args  # noqa: E402
 
 
 def ds_config(stage: int, batch: int, precision: str, grad_accum: int = 1) -> dict:

@@ -18,7 +18,7 @@ slots=()
 if [[ -n "${GPUS_PER_NODE:-}" ]]; then
   slots=(--slots "$GPUS_PER_NODE")
 fi
-master_addr="$(marjara_module marjara.hostfile --from-slurm --out "$hostfile" "${slots[@]}")"
+master_addr="$(marjara_module marjara.launch.hostfile --from-slurm --out "$hostfile" "${slots[@]}")"
 # The same port on every node, different for jobs that share a node.
 master_port="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 

@@ -17,14 +17,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from marjara.checkpoint_files import Checkpoint, open_checkpoint
-from marjara.config import ModelConfig
-from marjara.ema_checkpoint import check_has_ema, ema_pieces
+from marjara.checkpoint.reader import Checkpoint, open_checkpoint
+from marjara.model.config import ModelConfig
+from marjara.checkpoint.ema_reader import check_has_ema, ema_pieces
 from marjara.errors import cli_entry
-from marjara.pretrained import (TIED_HEAD, check_matches, export_config, set_dtype, weight_targets,
-                                write_export)
-from marjara.weight_pieces import Piece, assemble
-from marjara.zero_checkpoint import ZeroCheckpointReader
+from marjara.checkpoint.export import write_export
+from marjara.model.pretrained import TIED_HEAD, check_matches, export_config, set_dtype, weight_targets
+from marjara.checkpoint.pieces import Piece, assemble
+from marjara.checkpoint.zero_reader import ZeroCheckpointReader
 
 DTYPE_FLAGS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

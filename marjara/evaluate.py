@@ -92,8 +92,8 @@ def main(argv=None) -> int:
         raise MarjaraError(f"lm-evaluation-harness is not installed; {INSTALL_HINT}") from None
     from lm_eval.__main__ import cli_evaluate
 
-    import marjara.lm_eval_adapter  # noqa: F401  (registers the "marjara" model)
-    from marjara.inference_model import resolve_model_path
+    import marjara.eval.lm_eval_adapter  # noqa: F401  (registers the "marjara" model)
+    from marjara.checkpoint.inference import resolve_model_path
 
     # A bad model folder gets our one-line error before lm-eval spends seconds indexing tasks.
     resolve_model_path(args.model, args.tag, args.ema)

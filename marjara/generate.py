@@ -19,8 +19,8 @@ from typing import TextIO
 import torch
 
 from marjara.errors import MarjaraError, cli_entry
-from marjara.sampling import check_fits
-from marjara.tokenizer import Tokenizer
+from marjara.model.generation import check_fits
+from marjara.data.tokenizer import Tokenizer
 
 DTYPE_FLAGS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SEPARATOR = "-" * 40
@@ -128,8 +128,8 @@ def check_device(device: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     prompts = read_prompts(args.prompt, args.prompt_file)
-    from marjara.inference_model import load_for_inference
-    from marjara.sampling import check_sampling_args
+    from marjara.checkpoint.inference import load_for_inference
+    from marjara.model.generation import check_sampling_args
 
     check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     check_device(args.device)

@@ -19,9 +19,9 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from marjara.config import ModelConfig  # noqa: E402
+from marjara.model.config import ModelConfig  # noqa: E402
 from marjara.distributed import ensure_process_group, exit_now, shutdown  # noqa: E402
-from marjara.ffn import inference_routing  # noqa: E402
+from marjara.model.ffn import inference_routing  # noqa: E402
 from marjara.model import MarjaraModel  # noqa: E402
 
 FIXED_BATCH_SEED = 7

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from marjara.config import ModelConfig
+from marjara.model.config import ModelConfig
 from marjara.distributed import ensure_process_group
 from marjara.model import MarjaraModel
 

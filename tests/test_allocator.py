@@ -1,4 +1,4 @@
-"""marjara.allocator tells which malloc a process runs on; the README's LD_PRELOAD line works."""
+"""marjara.train.allocator tells which malloc a process runs on; the README's LD_PRELOAD line works."""
 
 import os
 import subprocess
@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from marjara.allocator import find_tcmalloc
+from marjara.train.allocator import find_tcmalloc
 
-PROBE = "from marjara.allocator import active_allocator; print(active_allocator())"
+PROBE = "from marjara.train.allocator import active_allocator; print(active_allocator())"
 
 
 def allocator_of_a_python(preload: str | None) -> str:

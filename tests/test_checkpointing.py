@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from marjara import checkpointing as ckpt
+from marjara.checkpoint import store as ckpt
 from marjara.errors import MarjaraError
 
 

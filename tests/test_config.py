@@ -1,6 +1,6 @@
 import pytest
 
-from marjara.config import PRESETS, ModelConfig
+from marjara.model.config import PRESETS, ModelConfig
 from marjara.errors import MarjaraError
 
 

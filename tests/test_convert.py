@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from checkpoint_runs import ROOT, STEPS, checkpoint, engine_logits
 from engine_logits import fixed_batch
 from marjara.convert import convert
-from marjara.ffn import inference_routing
+from marjara.model.ffn import inference_routing
 from marjara.model import MarjaraModel
-from marjara.pretrained import CONFIG_FILE, WEIGHTS_FILE
+from marjara.model.pretrained import CONFIG_FILE, WEIGHTS_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def read_config(out) -> dict:
 
 def trained_model(ckpt_dir, state) -> MarjaraModel:
     meta = json.loads((ckpt_dir / f"global_step{STEPS}" / "marjara.json").read_text())
-    from marjara.config import ModelConfig
+    from marjara.model.config import ModelConfig
 
     model = MarjaraModel(ModelConfig.from_dict(meta["model_config"]))
     model.load_state_dict(state, strict=True)
@@ -80,7 +80,7 @@ def test_moe_expert_parallel_export_matches_the_deepspeed_engine(tmp_path_factor
 
 @pytest.mark.parametrize("run", ["zero2", "zero3", "moe_ep2"])
 def test_ema_export_equals_the_trainers_ema_weights(run, tmp_path_factory, tmp_path):
-    from marjara.ema import merge_ema_states
+    from marjara.train.ema import merge_ema_states
 
     ckpt = checkpoint(tmp_path_factory, run)
     tag_dir = ckpt / (ckpt / "latest").read_text().strip()

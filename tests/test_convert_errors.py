@@ -9,7 +9,7 @@ import pytest
 
 from checkpoint_runs import ROOT, checkpoint
 from marjara.convert import main
-from marjara.pretrained import CONFIG_FILE, WEIGHTS_FILE
+from marjara.model.pretrained import CONFIG_FILE, WEIGHTS_FILE
 
 pytestmark = pytest.mark.slow
 

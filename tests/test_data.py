@@ -7,7 +7,7 @@ import pytest
 from marjara.data import MMapSliceDataset, TextDataset, open_data
 from marjara.data import formats
 from marjara.errors import MarjaraError
-from marjara.tokenizer import get_tokenizer
+from marjara.data.tokenizer import get_tokenizer
 
 from offline_tiktoken import requires_gpt2
 

@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from marjara.ds_config import resolve_engine_settings
+from marjara.train.ds_config import resolve_engine_settings
 from marjara.errors import MarjaraError
-from marjara.train_args import parse_args
+from marjara.train.args import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,14 +1,14 @@
-"""marjara.engine: the corrections made to DeepSpeed's engine keep training exactly as it was."""
+"""marjara.train.engine: the corrections made to DeepSpeed's engine keep training exactly as it was."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from marjara.config import ModelConfig
+from marjara.model.config import ModelConfig
 from marjara.distributed import ensure_process_group
-from marjara.engine import initialize_engine
+from marjara.train.engine import initialize_engine
 from marjara.model import MarjaraModel
-from marjara.optim import build_adamw, parameter_groups
+from marjara.train.optim import build_adamw, parameter_groups
 
 STEPS = 4
 

@@ -10,19 +10,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from marjara.config import ModelConfig
+from marjara.model.config import ModelConfig
 from marjara.errors import MarjaraError
 from marjara.evaluate import main
-from marjara.ffn import inference_routing
+from marjara.model.ffn import inference_routing
 from marjara.model import MarjaraModel
-from marjara.pretrained import save_pretrained
-from marjara.tokenizer import get_tokenizer
+from marjara.checkpoint.export import save_pretrained
+from marjara.data.tokenizer import get_tokenizer
 
 lm_eval = pytest.importorskip("lm_eval", reason="the eval extra is not installed (pip install '.[eval]')")
 
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
-from marjara.lm_eval_adapter import MarjaraLM  # noqa: E402
+from marjara.eval.lm_eval_adapter import MarjaraLM  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BYTES = get_tokenizer("bytes")

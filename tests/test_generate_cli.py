@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from checkpoint_runs import checkpoint
-from marjara.config import ModelConfig
+from marjara.model.config import ModelConfig
 from marjara.convert import convert
 from marjara.generate import SEPARATOR, TextStream, main
 from marjara.model import MarjaraModel
-from marjara.pretrained import save_pretrained
-from marjara.tokenizer import get_tokenizer
+from marjara.checkpoint.export import save_pretrained
+from marjara.data.tokenizer import get_tokenizer
 
 BYTES = get_tokenizer("bytes")
 

@@ -5,9 +5,10 @@ import shutil
 
 import pytest
 
-from marjara import hostfile, preflight
+from marjara import preflight as preflight_cli
+from marjara.launch import hostfile, preflight
 from marjara.errors import MarjaraError
-from marjara.hostfile import Host, expand_slurm_nodelist, hostfile_from_slurm, parse_hostfile
+from marjara.launch.hostfile import Host, expand_slurm_nodelist, hostfile_from_slurm, parse_hostfile
 from launch_helpers import free_port
 
 
@@ -169,7 +170,7 @@ def test_cli_prints_error_line_and_exits_2(tmp_path, capsys):
     bad = tmp_path / "hostfile"
     bad.write_text("a slots=1\nb slot=1\n")
     with pytest.raises(SystemExit) as exit_info:
-        preflight.main(["--hostfile", str(bad), "--launcher", "no_ssh"])
+        preflight_cli.main(["--hostfile", str(bad), "--launcher", "no_ssh"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "line 2 ('b slot=1'): unknown key 'slot'" in err

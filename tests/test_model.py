@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from marjara.attention import Attention
-from marjara.config import ModelConfig
-from marjara.ffn import inference_routing
+from marjara.model.attention import Attention
+from marjara.model.config import ModelConfig
+from marjara.model.ffn import inference_routing
 from marjara.model import MarjaraModel
-from marjara.rope import RotaryEmbedding, apply_rotary
+from marjara.model.rope import RotaryEmbedding, apply_rotary
 
 VOCAB = 101
 

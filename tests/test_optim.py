@@ -2,9 +2,9 @@ import math
 
 import pytest
 
-from marjara.config import ModelConfig
+from marjara.model.config import ModelConfig
 from marjara.model import MarjaraModel
-from marjara.optim import lr_factor, parameter_groups
+from marjara.train.optim import lr_factor, parameter_groups
 
 
 def test_warmup_then_cosine_to_the_minimum():

@@ -12,8 +12,8 @@ import pytest
 from marjara.data import documents, open_data
 from marjara.errors import MarjaraError
 from marjara.prepare import main as prepare_main
-from marjara.prepare import prepare
-from marjara.tokenizer import get_tokenizer
+from marjara.data.prepare import prepare
+from marjara.data.tokenizer import get_tokenizer
 
 from offline_tiktoken import ROOT, SHARED_TIKTOKEN, requires_gpt2
 EOT = "<|endoftext|>"
@@ -228,7 +228,7 @@ def test_cli_happy_path_prints_a_summary(tmp_path):
 
 
 def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
-    import marjara.prepare as prepare_module
+    import marjara.data.prepare as prepare_module
 
     calls = []
     real = prepare_module.tokenize_chunk

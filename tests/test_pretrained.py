@@ -7,13 +7,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from marjara.config import ModelConfig
+from marjara.model.config import ModelConfig
 from marjara.errors import MarjaraError
-from marjara.ffn import inference_routing
+from marjara.model.ffn import inference_routing
 from marjara.model import MarjaraModel
-from marjara.pretrained import CONFIG_FILE, WEIGHTS_FILE, load_pretrained, save_pretrained
-from marjara.safetensors_writer import write_pieces
-from marjara.weight_pieces import Piece
+from marjara.checkpoint.export import save_pretrained
+from marjara.model.pretrained import CONFIG_FILE, WEIGHTS_FILE, load_pretrained
+from marjara.checkpoint.safetensors_writer import write_pieces
+from marjara.checkpoint.pieces import Piece
 
 VOCAB = 101
 MOE = dict(use_moe=True, num_experts=4, top_k=2)
@@ -89,7 +90,8 @@ def test_a_failed_export_leaves_no_folder_behind(tmp_path):
         yield Piece("norm.weight", 0, model.norm.weight.detach())
         raise MarjaraError("source broke")
 
-    from marjara.pretrained import export_config, write_export
+    from marjara.checkpoint.export import write_export
+    from marjara.model.pretrained import export_config
 
     shapes = {name: t.shape for name, t in model.state_dict().items() if name != "lm_head.weight"}
     with pytest.raises(MarjaraError, match="source broke"):

@@ -11,7 +11,7 @@ import weakref
 from train_helpers import QUICK, ROOT
 
 from marjara.distributed import ensure_process_group
-from marjara.train_args import parse_args
+from marjara.train.args import parse_args
 
 
 def stop_handlers() -> dict:
@@ -19,7 +19,7 @@ def stop_handlers() -> dict:
 
 
 def test_fit_gives_the_signal_handlers_back_and_lets_the_learner_go(tmp_path):
-    from marjara.trainer import Learner
+    from marjara.train.learner import Learner
 
     ensure_process_group()
     before = stop_handlers()

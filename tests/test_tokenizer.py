@@ -2,7 +2,7 @@
 import pytest
 
 from marjara.errors import MarjaraError
-from marjara.tokenizer import get_tokenizer, token_dtype_name
+from marjara.data.tokenizer import get_tokenizer, token_dtype_name
 
 from offline_tiktoken import requires_gpt2
 

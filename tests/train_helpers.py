@@ -61,7 +61,7 @@ def train_losses(out_dir: Path) -> dict[int, float]:
 
 
 def ema_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
-    from marjara.ema import merge_ema_states
+    from marjara.train.ema import merge_ema_states
 
     meta = json.loads((Path(tag_dir) / "marjara.json").read_text())
     states = [torch.load(Path(tag_dir) / f"marjara_rank{r}.pt", weights_only=True) for r in range(meta["world_size"])]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from marjara.errors import MarjaraError
-from marjara.tokenizer import Tokenizer, token_dtype_name
+from marjara.data.tokenizer import Tokenizer, token_dtype_name
 
 
 class TokenDataset:

@@ -20,7 +20,7 @@ from marjara.data.datasets import MMapSliceDataset, TextDataset, TokenDataset, t
 from marjara.data.documents import read_text_file
 from marjara.data.formats import expected_token_count, open_token_file, token_file_info
 from marjara.errors import MarjaraError
-from marjara.tokenizer import Tokenizer, get_tokenizer, token_dtype_name
+from marjara.data.tokenizer import Tokenizer, get_tokenizer, token_dtype_name
 
 DEFAULT_TOKENIZER = "gpt2"
 VAL_FRACTION = 0.1

@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from marjara.ffn import inference_routing
+from marjara.model.ffn import inference_routing
 
 
 def in_batches(items: Sequence, batch_size: int, length: Callable[[object], int]):

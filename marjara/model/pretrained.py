@@ -1,4 +1,4 @@
-"""The exported model format: OUT_DIR/model.safetensors + OUT_DIR/config.json, no DeepSpeed needed.
+"""Reading the exported model format: OUT_DIR/model.safetensors + OUT_DIR/config.json, no DeepSpeed needed.
 
 config.json = {"format": "marjara", "format_version": 1, "model": ModelConfig (ep_size 1),
                "tokenizer": name, "source": {"checkpoint", "tag", "step", "tokens", "ema"} or null,
@@ -12,17 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
-from typing import Iterable
-
 import torch
 
-from marjara.config import ModelConfig
+from marjara.model.config import ModelConfig
 from marjara.errors import MarjaraError
-from marjara.fileio import atomic_path, write_json_atomic
-from marjara.safetensors_writer import write_pieces
-from marjara.weight_pieces import Piece, whole
 
 FORMAT = "marjara"
 FORMAT_VERSION = 1
@@ -76,64 +70,10 @@ def read_export_config(path: str | os.PathLike) -> dict:
     return info
 
 
-def check_out_dir(out_dir: Path, new_config: dict, overwrite: bool) -> None:
-    """Refuse to replace a different model (or unrelated files) in out_dir unless overwrite."""
-    if overwrite or not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise MarjaraError(f"{out_dir} exists and is not a folder; choose another output folder")
-    if not any(out_dir.iterdir()):
-        return
-    config_path = out_dir / CONFIG_FILE
-    try:
-        old = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        old = None
-    same = isinstance(old, dict) and all(old.get(k) == new_config[k] for k in ("format", "model", "tokenizer", "source", "dtype"))
-    if same:
-        return
-    what = "a different model" if isinstance(old, dict) and old.get("format") == FORMAT else "other files"
-    raise MarjaraError(f"{out_dir} already holds {what}; pass --overwrite to replace it, or choose another folder")
 
 
-def write_export(out_dir: str | os.PathLike, shapes: dict[str, torch.Size], pieces: Iterable[Piece],
-                 config_json: dict, source_description: str, overwrite: bool = False) -> Path:
-    """Write weights then config.json so that a folder with a config.json always has matching weights.
-
-    The old config.json is removed before the new weights are renamed into place, and the new one
-    is written last: an interrupted export leaves no folder that looks complete.
-    """
-    out_dir = Path(out_dir)
-    check_out_dir(out_dir, config_json, overwrite)
-    dtype = DTYPES[config_json["dtype"]]
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
-            write_pieces(tmp, shapes, pieces, dtype, source_description, metadata={"format": "pt"})
-            (out_dir / CONFIG_FILE).unlink(missing_ok=True)
-        write_json_atomic(out_dir / CONFIG_FILE, config_json)
-    except BaseException:
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    return out_dir
 
 
-def save_pretrained(weights, config: ModelConfig, out_dir: str | os.PathLike, tokenizer: str,
-                    source: dict | None = None, dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
-    """Export a whole model (an nn.Module or its state dict, global expert names) to out_dir."""
-    state = weights.state_dict() if isinstance(weights, torch.nn.Module) else dict(weights)
-    if config.use_moe and config.ep_size > 1:
-        raise MarjaraError(
-            f"this model holds only its rank's experts (ep_size {config.ep_size}); convert its checkpoint instead"
-        )
-    if config.tie_embeddings:
-        state.pop(TIED_HEAD, None)
-    shapes = {name: tensor.shape for name, tensor in state.items()}
-    pieces = (whole(name, tensor) for name, tensor in state.items())
-    return write_export(out_dir, shapes, pieces, export_config(config, tokenizer, source, dtype),
-                        "the model's state dict", overwrite)
 
 
 def weight_targets(model) -> dict[str, torch.Tensor]:

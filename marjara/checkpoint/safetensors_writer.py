@@ -16,7 +16,7 @@ from typing import Iterable
 
 import torch
 
-from marjara.weight_pieces import Coverage, Piece
+from marjara.checkpoint.pieces import Coverage, Piece
 
 DTYPE_NAMES = {
     torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",

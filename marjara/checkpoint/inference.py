@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from marjara.checkpoint_files import META_FILE, open_checkpoint
+from marjara.checkpoint.reader import META_FILE, open_checkpoint
 from marjara.errors import MarjaraError
-from marjara.ffn import inference_routing
-from marjara.pretrained import is_pretrained_dir, load_pretrained, read_export_config
-from marjara.tokenizer import Tokenizer, get_tokenizer
+from marjara.model.ffn import inference_routing
+from marjara.model.pretrained import is_pretrained_dir, load_pretrained, read_export_config
+from marjara.data.tokenizer import Tokenizer, get_tokenizer
 
 
 def resolve_model_path(path: str | os.PathLike, tag: str | None = None, ema: bool = False

@@ -30,10 +30,10 @@ from typing import Iterator
 
 import torch
 
-from marjara.checkpoint_files import Checkpoint, load_file
+from marjara.checkpoint.reader import Checkpoint, load_file
 from marjara.errors import MarjaraError
-from marjara.param_names import global_param_name, is_expert_param
-from marjara.weight_pieces import Piece, slice_across, whole
+from marjara.model.param_names import global_param_name, is_expert_param
+from marjara.checkpoint.pieces import Piece, slice_across, whole
 
 TIED_HEAD = "lm_head.weight"
 

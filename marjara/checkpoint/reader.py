@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from marjara.config import ModelConfig
+from marjara.model.config import ModelConfig
 from marjara.errors import MarjaraError
 
 META_FILE = "marjara.json"

@@ -6,7 +6,7 @@ Host names are restricted to characters that are safe in pdsh/mpirun host lists 
 read as a command-line option.
 
 CLI (used by launch/slurm_node.sh):
-    python -m marjara.hostfile --from-slurm --out HOSTFILE [--slots N]
+    python -m marjara.launch.hostfile --from-slurm --out HOSTFILE [--slots N]
 writes the hostfile of the current SLURM job and prints its first host (the master).
 """
 
@@ -175,7 +175,7 @@ def hostfile_from_slurm(env: dict[str, str], slots: int | None = None) -> list[t
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m marjara.hostfile", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m marjara.launch.hostfile", description=__doc__.split("\n")[0])
     parser.add_argument("--from-slurm", action="store_true", required=True,
                         help="derive the hostfile from SLURM_JOB_NODELIST")
     parser.add_argument("--out", required=True, help="hostfile to write")

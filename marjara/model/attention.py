@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marjara.cache import KVCache
-from marjara.config import ModelConfig
-from marjara.rope import apply_rotary
+from marjara.model.cache import KVCache
+from marjara.model.config import ModelConfig
+from marjara.model.rope import apply_rotary
 
 
 class RMSNorm(nn.Module):

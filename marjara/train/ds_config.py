@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from marjara.errors import MarjaraError
-from marjara.train_args import JSON_BACKED_DEFAULTS
+from marjara.train.args import JSON_BACKED_DEFAULTS
 
 AUTO = "auto"
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from marjara.param_names import global_param_name, is_expert_param
+from marjara.model.param_names import global_param_name, is_expert_param
 
 REPLICATED, ZERO3_SHARDS = "replicated", "zero3_shards"
 

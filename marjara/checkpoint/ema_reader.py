@@ -13,9 +13,9 @@ from typing import Iterator
 
 import torch
 
-from marjara.checkpoint_files import Checkpoint, load_file
+from marjara.checkpoint.reader import Checkpoint, load_file
 from marjara.errors import MarjaraError
-from marjara.weight_pieces import Piece
+from marjara.checkpoint.pieces import Piece
 
 LAYOUTS = ("replicated", "zero3_shards")
 

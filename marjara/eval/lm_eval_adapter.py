@@ -16,8 +16,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from marjara.errors import MarjaraError
-from marjara.inference_model import load_for_inference
-from marjara.scoring import continuation_logprobs, in_batches
+from marjara.checkpoint.inference import load_for_inference
+from marjara.eval.scoring import continuation_logprobs, in_batches
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 AUTO_BATCH_SIZE = 16

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from marjara.config import PRESETS
+from marjara.model.config import PRESETS
 from marjara.errors import MarjaraError
 
 # Flags whose value may also come from the DeepSpeed JSON. Their argparse default is None so that
-# an explicit flag can be told apart from an unset one (see marjara/ds_config.py for the rule).
+# an explicit flag can be told apart from an unset one (see marjara/train/ds_config.py for the rule).
 JSON_BACKED_DEFAULTS = {
     "batch_size": 8,
     "grad_accum": 1,
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Values no run can use, refused before anything starts (the JSON-backed ones are checked
-    with the JSON in marjara/ds_config.py)."""
+    with the JSON in marjara/train/ds_config.py)."""
     problems = []
     for name in ("max_steps", "log_interval", "eval_batches"):
         if getattr(args, name) < 1:

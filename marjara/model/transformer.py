@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marjara.attention import Attention, RMSNorm
-from marjara.cache import KVCache
-from marjara.config import ModelConfig
+from marjara.model.attention import Attention, RMSNorm
+from marjara.model.cache import KVCache
+from marjara.model.config import ModelConfig
 from marjara.errors import MarjaraError
-from marjara.ffn import MoEFeedForward, SwiGLU
-from marjara.param_names import is_expert_param
-from marjara.rope import RotaryEmbedding
+from marjara.model.ffn import MoEFeedForward, SwiGLU
+from marjara.model.param_names import is_expert_param
+from marjara.model.rope import RotaryEmbedding
 
 
 class Block(nn.Module):
@@ -141,7 +141,7 @@ class MarjaraModel(nn.Module):
 
     # ---- generation ---------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: int, **sampling) -> list[list[int]]:
-        from marjara.sampling import generate
+        from marjara.model.generation import generate
 
         return generate(self, prompts, max_new_tokens, **sampling)
 
@@ -151,7 +151,7 @@ class MarjaraModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-        from marjara.pretrained import load_pretrained
+        from marjara.model.pretrained import load_pretrained
 
         return load_pretrained(path, device=device, dtype=dtype)
 

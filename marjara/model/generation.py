@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from marjara.errors import MarjaraError
-from marjara.ffn import inference_routing
+from marjara.model.ffn import inference_routing
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:

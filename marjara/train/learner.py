@@ -15,19 +15,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from marjara import checkpointing as ckpt
-from marjara.allocator import active_allocator
-from marjara.config import PRESETS, ModelConfig
+from marjara.checkpoint import store as ckpt
+from marjara.train.allocator import active_allocator
+from marjara.model.config import PRESETS, ModelConfig
 from marjara.data import TrainStream, open_data, validation_batches
 from marjara.distributed import ensure_process_group, rank, world_size
-from marjara.ds_config import resolve_engine_settings
-from marjara.engine import initialize_engine
-from marjara.ema import WeightEMA, merge_ema_states
+from marjara.train.ds_config import resolve_engine_settings
+from marjara.train.engine import initialize_engine
+from marjara.train.ema import WeightEMA, merge_ema_states
 from marjara.errors import MarjaraError
-from marjara.metrics import Reporter, device_peak_tflops
+from marjara.train.metrics import Reporter, device_peak_tflops
 from marjara.model import MarjaraModel
-from marjara.optim import build_adamw, parameter_groups, warmup_cosine
-from marjara.param_names import is_expert_param
+from marjara.train.optim import build_adamw, parameter_groups, warmup_cosine
+from marjara.model.param_names import is_expert_param
 
 VOCAB_MULTIPLE = 64
 MOE_FIELDS = ("num_experts", "top_k", "ep_size", "capacity_factor", "eval_capacity_factor", "min_capacity",

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marjara.config import ModelConfig
+from marjara.model.config import ModelConfig
 
 
 class SwiGLU(nn.Module):

@@ -1,0 +1,153 @@
+"""Tokenise text into a training folder: train.bin, val.bin, meta.json.
+
+    python -m marjara.prepare INPUT... --out DIR [--tokenizer gpt2] [--val_fraction 0.1] [--workers N]
+
+INPUT: .txt files (one document each), .jsonl files (one document per line, in "text"), or
+folders of them (searched recursively, sorted). End-of-text follows every document. The last
+val_fraction of the token stream becomes val.bin. Inputs must be valid UTF-8 (see
+marjara.data.documents). Files are cut into ~1 MiB chunks tokenised by a pool of worker
+processes with a bounded number of chunks in flight, so memory stays flat whatever the corpus
+size, and the output is identical for any number of workers. Everything is written to temporary
+files renamed at the end: an interrupted or failed run leaves no file that looks complete.
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import os
+import signal
+from collections import deque
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from marjara.data.datasets import tokenize_documents, train_token_count
+from marjara.data.documents import Chunk, InputError, chunk_documents, collect_inputs, plan_chunks
+from marjara.data.formats import DTYPES, build_meta
+from marjara.errors import MarjaraError
+from marjara.fileio import atomic_dir, atomic_path, write_json_atomic
+from marjara.data.tokenizer import get_tokenizer, token_dtype_name
+
+_COPY_BLOCK = 1 << 24
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def prepare(inputs: list[str], out: str | os.PathLike, tokenizer: str = "gpt2", val_fraction: float = 0.1,
+            workers: int | None = None, progress: bool = True) -> dict:
+    """Write out/{train.bin,val.bin,meta.json} from the inputs; returns the meta.
+
+    workers: tokenising processes (default: every core this process may use); progress: show a
+    tqdm bar on stderr when it is a terminal.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise MarjaraError(f"--val_fraction must be between 0 and 1, exclusive (got {val_fraction})")
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise MarjaraError(f"--workers must be >= 1 (got {workers})")
+    files = collect_inputs(inputs)
+    tok = get_tokenizer(tokenizer)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MarjaraError(f"--out {out} exists and is not a folder")
+    write = functools.partial(_write_tokens, files, tok.name, token_dtype_name(tok.vocab_size), val_fraction,
+                              workers, progress)
+    if not out.exists():
+        with atomic_dir(out) as stage:
+            meta = write(stage / "train.bin", stage / "val.bin")
+            write_json_atomic(stage / "meta.json", meta)
+        return meta
+    with atomic_path(out / "train.bin") as train_tmp, atomic_path(out / "val.bin") as val_tmp:
+        meta = write(train_tmp, val_tmp)
+        # Old meta goes before the new .bin files land: never new tokens described by an old meta.
+        (out / "meta.json").unlink(missing_ok=True)
+    write_json_atomic(out / "meta.json", meta)
+    return meta
+
+
+def _write_tokens(files: list[Path], tokenizer: str, dtype: str, val_fraction: float, workers: int, progress: bool,
+                  train_path: Path, val_path: Path) -> dict:
+    """Tokenise every file into train_path, move the last val_fraction into val_path; the meta."""
+    n_tokens = documents = 0
+    chunks = (chunk for path in files for chunk in plan_chunks(path))
+    total_bytes = sum(path.stat().st_size for path in files)
+    try:
+        with open(train_path, "wb") as f:
+            for _, (tokens, docs) in _tokenize_all(chunks, tokenizer, dtype, workers, total_bytes, progress):
+                f.write(tokens.astype(DTYPES[dtype], copy=False).tobytes())  # little-endian on any host
+                n_tokens += len(tokens)
+                documents += docs
+    except InputError as exc:
+        raise exc.to_marjara_error() from None
+    if documents == 0:
+        raise MarjaraError('the inputs hold no text (every .jsonl "text" is empty)')
+    n_train = train_token_count(n_tokens, val_fraction)
+    _move_tail(train_path, val_path, n_train * DTYPES[dtype].itemsize)
+    tok = get_tokenizer(tokenizer)
+    return build_meta(dtype=dtype, tokenizer=tok.name, vocab_size=tok.vocab_size, eot_id=tok.eot_id,
+                      train_tokens=n_train, val_tokens=n_tokens - n_train, documents=documents,
+                      val_fraction=val_fraction)
+
+
+def tokenize_chunk(chunk: Chunk, tokenizer: str, dtype: str) -> tuple[np.ndarray, int]:
+    """Tokens of one chunk and the number of documents it completes (runs in worker processes)."""
+    tok = get_tokenizer(tokenizer)
+    texts = chunk_documents(chunk)
+    if chunk.is_jsonl:
+        texts = [text for text in texts if text]
+        return tokenize_documents(texts, tok), len(texts)
+    ids = tok.encode(texts[0])
+    if chunk.last:
+        ids.append(tok.eot_id)
+    return np.array(ids, dtype=dtype), int(chunk.last)
+
+
+def _tokenize_all(chunks: Iterable[Chunk], tokenizer: str, dtype: str, workers: int, total_bytes: int,
+                  progress: bool) -> Iterator[tuple[Chunk, tuple[np.ndarray, int]]]:
+    """(chunk, result) in input order, with a progress bar over input bytes."""
+    # The pool forks before tqdm may start its monitor thread (forking a threaded process is unsafe).
+    pool = multiprocessing.Pool(workers, initializer=_ignore_sigint) if workers > 1 else None
+    try:
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare",
+                  disable=None if progress else True) as bar:
+            for chunk, result in _in_order(pool, workers, chunks, tokenizer, dtype):
+                bar.update(chunk.stop - chunk.start)
+                yield chunk, result
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+def _ignore_sigint() -> None:
+    """Ctrl-C is the parent's to handle (it terminates the pool); workers print no tracebacks."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _in_order(pool, workers: int, chunks: Iterable[Chunk], tokenizer: str, dtype: str):
+    if pool is None:
+        for chunk in chunks:
+            yield chunk, tokenize_chunk(chunk, tokenizer, dtype)
+        return
+    pending: deque = deque()  # at most 2 chunks per worker in flight: memory stays bounded
+    for chunk in chunks:
+        pending.append((chunk, pool.apply_async(tokenize_chunk, (chunk, tokenizer, dtype))))
+        if len(pending) >= 2 * workers:
+            done, result = pending.popleft()
+            yield done, result.get()
+    while pending:
+        done, result = pending.popleft()
+        yield done, result.get()
+
+
+def _move_tail(train_path: Path, val_path: Path, cut: int) -> None:
+    """Move bytes [cut:] of train_path into val_path (block by block), then truncate train_path."""
+    with open(train_path, "r+b") as src, open(val_path, "wb") as dst:
+        src.seek(cut)
+        while block := src.read(_COPY_BLOCK):
+            dst.write(block)
+        src.truncate(cut)

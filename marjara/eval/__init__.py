@@ -1,0 +1,1 @@
+"""Evaluation: batched log-likelihood scoring and the lm-evaluation-harness adapter."""

@@ -1,0 +1,1 @@
+"""Multi-node launch support: hostfile parsing and the pre-flight checks."""
