@@ -17,12 +17,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from marjara.checkpoint.reader import Checkpoint, open_checkpoint
+from marjara.checkpoint.format import Checkpoint, open_checkpoint
 from marjara.model.config import ModelConfig
 from marjara.checkpoint.ema_reader import check_has_ema, ema_pieces
 from marjara.errors import cli_entry
 from marjara.checkpoint.export import write_export
-from marjara.model.pretrained import TIED_HEAD, check_matches, export_config, set_dtype, weight_targets
+from marjara.model.param_names import TIED_HEAD
+from marjara.model.pretrained import CONFIG_FILE, WEIGHTS_FILE, check_matches, export_config, set_dtype, weight_targets
 from marjara.checkpoint.pieces import Piece, assemble
 from marjara.checkpoint.zero_reader import ZeroCheckpointReader
 
@@ -42,7 +43,7 @@ class CheckpointWeights:
     @property
     def source(self) -> dict:
         meta = self.ckpt.meta
-        return {"checkpoint": str(self.ckpt.root.resolve()), "tag": self.ckpt.tag, "step": meta["step"],
+        return {"checkpoint": str(self.ckpt.ckpt_dir.resolve()), "tag": self.ckpt.tag, "step": meta["step"],
                 "tokens": meta.get("tokens_seen"), "ema": self.ema}
 
     @property
@@ -50,7 +51,7 @@ class CheckpointWeights:
         return self.ckpt.meta["tokenizer"]
 
     def describe(self) -> str:
-        return f"{'EMA weights of ' if self.ema else ''}checkpoint {self.ckpt.path}"
+        return f"{'EMA weights of ' if self.ema else ''}checkpoint {self.ckpt.tag_dir}"
 
 
 def checkpoint_weights(ckpt_dir: str | os.PathLike, tag: str | None = None, ema: bool = False) -> CheckpointWeights:
@@ -112,8 +113,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = convert(args.ckpt_dir, args.out_dir, tag=args.tag, ema=args.ema, dtype=DTYPE_FLAGS[args.dtype],
                   overwrite=args.overwrite)
-    size = (out / "model.safetensors").stat().st_size
-    print(f"wrote {out}/model.safetensors ({size / 2**20:.1f} MiB) and config.json")
+    size = (out / WEIGHTS_FILE).stat().st_size
+    print(f"wrote {out / WEIGHTS_FILE} ({size / 2**20:.1f} MiB) and {CONFIG_FILE}")
     return 0
 
 

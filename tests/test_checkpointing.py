@@ -1,10 +1,12 @@
 """Save protocol: `latest` only ever names a complete checkpoint; rotation spares what it names."""
 
+import json
 from pathlib import Path
 
 import pytest
 
-from marjara.checkpoint import store as ckpt
+from marjara.checkpoint import format, store as ckpt
+from marjara.checkpoint.format import find_resume_point
 from marjara.errors import MarjaraError
 
 
@@ -18,12 +20,17 @@ class FakeEngine:
         assert save_latest is False  # MARJARA writes `latest` itself, last
         (Path(out_dir) / tag).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"partial")
-        if tag == ckpt.tag_for(self.crash_at or -1):
+        if tag == format.tag_for(self.crash_at or -1):
             raise KeyboardInterrupt("killed during save")
 
 
+def meta(step):
+    return {"step": step, "samples_consumed": 8 * step, "model_config": {}, "tokenizer": "bytes", "zero_stage": 0,
+            "world_size": 1, "dtype": "fp32"}
+
+
 def save(engine, out, step, keep_last=0):
-    return ckpt.save(engine, out, step, {"step": step}, {"rng": {}}, keep_last)
+    return ckpt.save(engine, out, step, meta(step), {"rng": {}}, keep_last)
 
 
 def test_a_crash_during_a_save_leaves_latest_on_the_previous_checkpoint(tmp_path):
@@ -31,10 +38,10 @@ def test_a_crash_during_a_save_leaves_latest_on_the_previous_checkpoint(tmp_path
     with pytest.raises(KeyboardInterrupt):
         save(FakeEngine(crash_at=20), tmp_path, 20)
     assert (tmp_path / "latest").read_text() == "global_step10"
-    assert not (tmp_path / "global_step20" / ckpt.META_FILE).exists()
-    assert ckpt.find_resume_point(str(tmp_path)).tag == "global_step10"
+    assert not (tmp_path / "global_step20" / format.META_FILE).exists()
+    assert find_resume_point(str(tmp_path)).tag == "global_step10"
     with pytest.raises(MarjaraError, match="incomplete"):
-        ckpt.find_resume_point(str(tmp_path / "global_step20"))
+        find_resume_point(str(tmp_path / "global_step20"))
 
 
 def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
@@ -50,7 +57,7 @@ def test_rotation_never_deletes_what_latest_names(tmp_path):
     # A re-run saves an older step again: `latest` now names the oldest tag, which must survive.
     save(FakeEngine(), tmp_path, 5, keep_last=1)
     assert (tmp_path / "latest").read_text() == "global_step5"
-    assert (tmp_path / "global_step5" / ckpt.META_FILE).exists()
+    assert (tmp_path / "global_step5" / format.META_FILE).exists()
 
 
 def test_re_saving_the_step_latest_names_moves_latest_back_first(tmp_path):
@@ -60,4 +67,23 @@ def test_re_saving_the_step_latest_names_moves_latest_back_first(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         save(FakeEngine(crash_at=4), tmp_path, 4)
     assert (tmp_path / "latest").read_text() == "global_step2"
-    assert ckpt.find_resume_point(str(tmp_path)).tag == "global_step2"
+    assert find_resume_point(str(tmp_path)).tag == "global_step2"
+
+
+def test_a_meta_short_of_the_schema_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="lacks samples_consumed"):
+        ckpt.save(FakeEngine(), tmp_path, 1, {"step": 1}, {"rng": {}}, 0)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("version", [2, None, "1"])
+def test_an_unknown_format_version_is_refused_by_resume_and_convert(tmp_path, version):
+    save(FakeEngine(), tmp_path, 3)
+    meta_path = tmp_path / "global_step3" / format.META_FILE
+    stored = json.loads(meta_path.read_text())
+    assert stored["format_version"] == format.FORMAT_VERSION
+    meta_path.write_text(json.dumps({**stored, "format_version": version}))
+    for open_it in (find_resume_point, format.open_checkpoint):
+        with pytest.raises(MarjaraError, match=f"has format_version {version!r}; this MARJARA reads checkpoints of "
+                                               "version 1"):
+            open_it(str(tmp_path))

@@ -1,5 +1,6 @@
 """train.py as one plain process: exact resume, preemption, checkpoints, logs, bad input."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -115,6 +116,22 @@ def test_an_incomplete_checkpoint_is_refused(uninterrupted, tmp_path):
     result = run_train(RUN + ["--out_dir", str(tmp_path / "o"), "--resume", str(broken)], check=False)
     assert result.returncode == 2
     assert "incomplete" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_checkpoint_of_an_unknown_format_version_is_refused(tmp_path):
+    ck = tmp_path / "ck"
+    (ck / "global_step3").mkdir(parents=True)
+    (ck / "latest").write_text("global_step3")
+    meta = {"format_version": 99, "step": 3, "samples_consumed": 12, "model_config": {}, "tokenizer": "bytes",
+            "zero_stage": 0, "world_size": 1, "dtype": "fp32"}
+    (ck / "global_step3" / "marjara.json").write_text(json.dumps(meta))
+    result = run_train(RUN + ["--out_dir", str(tmp_path / "o"), "--resume", str(ck)], check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "has format_version 99; this MARJARA reads checkpoints of version 1" \
+        in lines[-1], lines[-1]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o" / "latest").exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -61,8 +61,12 @@ def train_losses(out_dir: Path) -> dict[int, float]:
 
 
 def ema_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
-    from marjara.train.ema import merge_ema_states
-
+    """The EMA a checkpoint holds, put together here without marjara's reader: a "replicated"
+    tensor is whole in one rank's file; "zero3_shards" concatenate in rank order, cut to size."""
     meta = json.loads((Path(tag_dir) / "marjara.json").read_text())
     states = [torch.load(Path(tag_dir) / f"marjara_rank{r}.pt", weights_only=True) for r in range(meta["world_size"])]
-    return merge_ema_states(states, meta["ema"]["layout"])
+    if meta["ema"]["layout"] == "replicated":
+        return {name: tensor for state in states for name, tensor in state["ema"].items()}
+    shapes = {name: torch.Size(shape) for state in states for name, shape in state["ema_shapes"].items()}
+    return {name: torch.cat([state["ema"][name].reshape(-1) for state in states])[: shape.numel()].reshape(shape)
+            for name, shape in shapes.items()}

@@ -1,10 +1,8 @@
-"""Read the EMA weights the trainer keeps in CKPT_DIR/<tag>/marjara_rank{R}.pt, as pieces.
+"""Read the EMA weights the trainer keeps in every rank's file, as pieces or as whole tensors.
 
-Each rank file holds {"ema": {global name: fp32 tensor}, "ema_shapes": {global name: shape}}.
-marjara.json's "ema" says how they are spread over ranks:
-  "replicated"    (ZeRO 0-2) every tensor is a full parameter, held by exactly one rank;
-  "zero3_shards"  (ZeRO-3) every rank holds a flat shard of every parameter; the parameter is the
-                  concatenation in rank order, truncated to its size (the last shards are padded).
+How the EMA tensors spread over the rank files (the layouts) is described in
+marjara.checkpoint.format; this is the one place that puts them back together, for convert
+(streamed, one rank file at a time) and for a resume on another world size or layout.
 """
 
 from __future__ import annotations
@@ -13,29 +11,19 @@ from typing import Iterator
 
 import torch
 
-from marjara.checkpoint.reader import Checkpoint, load_file
+from marjara.checkpoint.format import EMA_REPLICATED, Checkpoint
+from marjara.checkpoint.pieces import Piece, assemble
+from marjara.checkpoint.reader import load_file
 from marjara.errors import MarjaraError
-from marjara.checkpoint.pieces import Piece
-
-LAYOUTS = ("replicated", "zero3_shards")
 
 
-def rank_file_name(rank: int) -> str:
-    return f"marjara_rank{rank}.pt"
-
-
-def check_has_ema(ckpt: Checkpoint) -> str:
+def check_has_ema(ckpt: Checkpoint, fix: str = "convert without --ema") -> str:
     """The EMA layout, after checking the checkpoint has EMA weights and every rank's file."""
-    ema = ckpt.meta.get("ema")
-    if not ema:
-        raise MarjaraError(
-            f"{ckpt.path} holds no EMA weights (trained without --ema_decay); convert without --ema"
-        )
-    layout = ema.get("layout")
-    if layout not in LAYOUTS:
-        raise MarjaraError(f"{ckpt.path}/marjara.json names EMA layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    layout = ckpt.ema_layout
+    if layout is None:
+        raise MarjaraError(f"{ckpt.tag_dir} holds no EMA weights (trained without --ema_decay); {fix}")
     for rank in range(ckpt.world_size):
-        load_file(ckpt.file(rank_file_name(rank)))  # missing or truncated: reported before any write
+        load_file(ckpt.rank_file(rank))  # missing or truncated: reported before any write
     return layout
 
 
@@ -44,7 +32,7 @@ def ema_pieces(ckpt: Checkpoint, shapes: dict[str, torch.Size], skip: set[str] =
     layout = check_has_ema(ckpt)
     filled: dict[str, int] = {}
     for rank in range(ckpt.world_size):
-        path = ckpt.file(rank_file_name(rank))
+        path = ckpt.rank_file(rank)
         state = load_file(path)
         tensors, recorded = state.get("ema") or {}, state.get("ema_shapes") or {}
         for name, tensor in tensors.items():
@@ -57,7 +45,7 @@ def ema_pieces(ckpt: Checkpoint, shapes: dict[str, torch.Size], skip: set[str] =
                     "the EMA belongs to another model"
                 )
             flat = tensor.reshape(-1)
-            if layout == "replicated":
+            if layout == EMA_REPLICATED:
                 yield Piece(name, 0, flat)
                 continue
             offset = filled.get(name, 0)
@@ -65,3 +53,15 @@ def ema_pieces(ckpt: Checkpoint, shapes: dict[str, torch.Size], skip: set[str] =
             numel = shape.numel() if shape is not None else offset + flat.numel()
             yield Piece(name, offset, flat[: max(0, numel - offset)])
         del state, tensors
+
+
+def ema_tensors(ckpt: Checkpoint, fix: str = "resume without --ema_decay") -> dict[str, torch.Tensor]:
+    """Every EMA tensor whole (fp32, by global name), put together from all ranks' files."""
+    check_has_ema(ckpt, fix)
+    shapes: dict[str, torch.Size] = {}
+    for rank in range(ckpt.world_size):
+        recorded = load_file(ckpt.rank_file(rank)).get("ema_shapes") or {}
+        shapes.update({name: torch.Size(shape) for name, shape in recorded.items()})
+    full = {name: torch.empty(shape, dtype=torch.float32) for name, shape in shapes.items()}
+    assemble(full, ema_pieces(ckpt, shapes), f"the EMA of checkpoint {ckpt.tag_dir}")
+    return full

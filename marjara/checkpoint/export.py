@@ -15,7 +15,8 @@ from marjara.checkpoint.safetensors_writer import write_pieces
 from marjara.errors import MarjaraError
 from marjara.fileio import atomic_path, write_json_atomic
 from marjara.model.config import ModelConfig
-from marjara.model.pretrained import CONFIG_FILE, DTYPES, FORMAT, TIED_HEAD, WEIGHTS_FILE, export_config
+from marjara.model.param_names import TIED_HEAD
+from marjara.model.pretrained import CONFIG_FILE, DTYPES, FORMAT, WEIGHTS_FILE, export_config
 
 def check_out_dir(out_dir: Path, new_config: dict, overwrite: bool) -> None:
     """Refuse to replace a different model (or unrelated files) in out_dir unless overwrite."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from marjara.checkpoint.reader import META_FILE, open_checkpoint
+from marjara.checkpoint.format import LATEST, is_checkpoint_dir, is_tag_dir, open_checkpoint
 from marjara.errors import MarjaraError
 from marjara.model.ffn import inference_routing
 from marjara.model.pretrained import is_pretrained_dir, load_pretrained, read_export_config
@@ -26,11 +26,11 @@ def resolve_model_path(path: str | os.PathLike, tag: str | None = None, ema: boo
             raise MarjaraError(f"{path} is an exported model; --tag and --ema apply only to checkpoint folders")
         read_export_config(path)
         return path, None, False
-    if (path / META_FILE).is_file() and tag is None:  # a tag folder itself
+    if tag is None and not is_checkpoint_dir(path) and is_tag_dir(path) and path.is_dir():
         path, tag = path.parent, path.name
-    if not path.is_dir() or not ((path / "latest").is_file() or tag is not None):
+    if not path.is_dir() or not (is_checkpoint_dir(path) or tag is not None):
         raise MarjaraError(
-            f"{path} is neither an exported model (no config.json) nor a checkpoint folder (no 'latest'); "
+            f"{path} is neither an exported model (no config.json) nor a checkpoint folder (no '{LATEST}'); "
             "pass the OUT_DIR of python -m marjara.convert or the --out_dir of a training run"
         )
     open_checkpoint(path, tag)

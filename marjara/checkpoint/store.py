@@ -1,43 +1,24 @@
-"""Checkpoints in DeepSpeed's layout plus MARJARA's own state, saved so a crash never corrupts
-what `latest` names, and found again for --resume.
-
-OUT_DIR/latest                        the tag of the newest complete checkpoint (written last, atomically)
-OUT_DIR/global_stepN/...              DeepSpeed's files (engine.save_checkpoint)
-OUT_DIR/global_stepN/marjara_rankR.pt each rank's RNG states and EMA share
-OUT_DIR/global_stepN/marjara.json     step, samples consumed, model config, tokenizer, args (marks the
-                                      checkpoint complete: written after every rank finished)
+"""Saving checkpoints (the layout is marjara.checkpoint.format's) so that a crash never corrupts
+what `latest` names: DeepSpeed's files and every rank's own file first, marjara.json after every
+rank finished, `latest` last; rotation, and the universal copy a resume on another world size loads.
 """
 
 from __future__ import annotations
 
-import json
 import random
-import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from marjara.checkpoint.format import (LATEST, META_FILE, UNIVERSAL_DONE, Checkpoint, complete_tags, meta_json,
+                                       rank_file_name, tag_for, universal_tag_for)
 from marjara.errors import MarjaraError
 from marjara.fileio import atomic_path, write_json_atomic
-
-META_FILE = "marjara.json"
-LATEST = "latest"
-FORMAT_VERSION = 1
-_TAG = re.compile(r"^global_step(\d+)$")
-
-
-def tag_for(step: int) -> str:
-    return f"global_step{step}"
-
-
-def rank_file(tag_dir: Path, rank: int) -> Path:
-    return tag_dir / f"marjara_rank{rank}.pt"
 
 
 def rng_state() -> dict:
@@ -76,6 +57,7 @@ def _barrier() -> None:
 
 def save(engine, out_dir: str | Path, step: int, meta: dict, rank_state: dict, keep_last: int) -> Path:
     """Save on every rank (a collective); returns the tag folder."""
+    meta = meta_json(meta)  # a meta short of the schema stops here, before any file is written
     out_dir = Path(out_dir)
     tag = tag_for(step)
     tag_dir = out_dir / tag
@@ -83,11 +65,11 @@ def save(engine, out_dir: str | Path, step: int, meta: dict, rank_state: dict, k
         _stop_naming(out_dir, tag)  # re-saving a step: it is incomplete until we finish again
     _barrier()
     engine.save_checkpoint(str(out_dir), tag=tag, save_latest=False)
-    with atomic_path(rank_file(tag_dir, _rank())) as tmp:
+    with atomic_path(tag_dir / rank_file_name(_rank())) as tmp:
         torch.save(rank_state, tmp)
     _barrier()
     if _rank() == 0:
-        write_json_atomic(tag_dir / META_FILE, {"format_version": FORMAT_VERSION, **meta})
+        write_json_atomic(tag_dir / META_FILE, meta)
         with atomic_path(out_dir / LATEST) as tmp:
             tmp.write_text(tag)
         rotate(out_dir, keep_last, keep=tag)
@@ -100,7 +82,7 @@ def _stop_naming(out_dir: Path, tag: str) -> None:
     checkpoint first (or remove it when there is none)."""
     latest = out_dir / LATEST
     if latest.is_file() and latest.read_text().strip() == tag:
-        others = [t for _, t in complete_tags(out_dir) if t != tag]
+        others = [t for t in complete_tags(out_dir) if t != tag]
         if others:
             with atomic_path(latest) as tmp:
                 tmp.write_text(others[-1])
@@ -109,66 +91,22 @@ def _stop_naming(out_dir: Path, tag: str) -> None:
     (out_dir / tag / META_FILE).unlink(missing_ok=True)
 
 
-def complete_tags(out_dir: Path) -> list[tuple[int, str]]:
-    found = []
-    for child in out_dir.iterdir() if out_dir.is_dir() else []:
-        match = _TAG.match(child.name)
-        if match and (child / META_FILE).is_file():
-            found.append((int(match.group(1)), child.name))
-    return sorted(found)
-
-
 def rotate(out_dir: Path, keep_last: int, keep: str) -> None:
     """Delete all but the newest keep_last complete checkpoints; never `keep` (what latest names)."""
     if keep_last <= 0:
         return
-    tags = [tag for _, tag in complete_tags(out_dir)]
-    for tag in tags[:-keep_last]:
+    for tag in complete_tags(out_dir)[:-keep_last]:
         if tag != keep:
             shutil.rmtree(out_dir / tag, ignore_errors=True)
-            shutil.rmtree(out_dir / f"{tag}_universal", ignore_errors=True)
+            shutil.rmtree(out_dir / universal_tag_for(tag), ignore_errors=True)
 
 
-@dataclass
-class ResumePoint:
-    ckpt_dir: Path
-    tag: str
-    meta: dict
-
-    @property
-    def tag_dir(self) -> Path:
-        return self.ckpt_dir / self.tag
-
-
-def find_resume_point(path: str) -> ResumePoint:
-    """--resume DIR (the tag `latest` names) or DIR/TAG, checked for completeness."""
-    given = Path(path)
-    if not given.exists():
-        raise MarjaraError(f"--resume {path}: no such folder; pass a checkpoint folder (e.g. checkpoints/) or folder/TAG")
-    if (given / LATEST).is_file():
-        ckpt_dir, tag = given, (given / LATEST).read_text().strip()
-    elif _TAG.match(given.name) or (given / META_FILE).exists():
-        ckpt_dir, tag = given.parent, given.name
-    else:
-        raise MarjaraError(f"--resume {path}: no `latest` file and not a checkpoint tag folder; pass the folder train.py saved into")
-    meta_path = ckpt_dir / tag / META_FILE
-    if not meta_path.is_file():
-        raise MarjaraError(
-            f"checkpoint {ckpt_dir / tag} is incomplete or not MARJARA's (no {META_FILE}); resume from another tag"
-        )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
-        raise MarjaraError(f"{meta_path} is not valid JSON; the checkpoint is damaged, resume from another tag") from None
-    return ResumePoint(ckpt_dir, tag, meta)
-
-
-def universal_tag(point: ResumePoint) -> str:
+def universal_tag(point: Checkpoint) -> str:
     """Convert the checkpoint to DeepSpeed's universal format (once; rank 0) so that it loads on
     another world size, and return the converted tag."""
-    tag = f"{point.tag}_universal"
+    tag = universal_tag_for(point.tag)
     out = point.ckpt_dir / tag
-    done = out / "marjara_universal.ok"
+    done = out / UNIVERSAL_DONE
     error = None
     if _rank() == 0 and not done.exists():
         shutil.rmtree(out, ignore_errors=True)

@@ -1,19 +1,20 @@
 """Read a model's weights out of DeepSpeed's checkpoint layouts (ZeRO 0-3, dense and MoE) as pieces.
 
-Where the weights live, per ZeRO stage and training precision (DeepSpeed 0.19):
+Where the weights live, per ZeRO stage and training precision (DeepSpeed 0.19; the files'
+names are in marjara.checkpoint.format):
 
-  stage 0-2, fp32   mp_rank_00_model_states.pt "module": full weights, which are the fp32 masters.
-  stage 1-2, bf16   (bf16_)zero_pp_rank_R_mp_rank_00_optim_states.pt: rank R's flat fp32 partition
+  stage 0-2, fp32   the model states' "module": full weights, which are the fp32 masters.
+  stage 1-2, bf16   rank R's optimizer states: its flat fp32 partition
                     of each parameter group ("single_partition_of_fp32_groups"); "param_slice_mappings"
                     names the slice of it each parameter occupies. Parameters spread over consecutive
                     ranks, so a parameter's fragments follow one another in rank order.
-  stage 3           zero_pp_rank_R_mp_rank_00_model_states.pt hold empty stand-ins; the fp32
+  stage 3           every rank's model states hold empty stand-ins; the fp32
                     masters are in the optim files' "fp32_flat_groups": every parameter takes
                     ceil(numel / world) elements of every rank's (virtually concatenated) groups.
   stage 0, bf16     the fp32 masters sit in the model states' optimizer without parameter names;
                     the module's bf16 weights (what the forward pass used) are exported, with a warning.
   MoE               expert weights are not in "module" but in one file per global expert,
-                    layer_L_expert_E_mp_rank_00_model_states.pt, already under global names. In
+                    already under global names. In
                     ZeRO-1/2 bf16 their fp32 masters are in the expert parameter group of the optim
                     files, under each rank's local names (mapped with param_names.global_param_name).
                     DeepSpeed's zero_to_fp32 reads neither of these.
@@ -30,27 +31,11 @@ from typing import Iterator
 
 import torch
 
-from marjara.checkpoint.reader import Checkpoint, load_file
-from marjara.errors import MarjaraError
-from marjara.model.param_names import global_param_name, is_expert_param
+from marjara.checkpoint.format import META_FILE, Checkpoint
 from marjara.checkpoint.pieces import Piece, slice_across, whole
-
-TIED_HEAD = "lm_head.weight"
-
-
-def model_states_name(ckpt: Checkpoint, rank: int = 0) -> str:
-    if ckpt.zero_stage == 3:
-        return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
-    return "mp_rank_00_model_states.pt"
-
-
-def optim_states_name(ckpt: Checkpoint, rank: int) -> str:
-    prefix = "bf16_" if ckpt.meta["dtype"] == "bf16" else ""
-    return f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-
-
-def expert_file_name(layer: int, expert: int) -> str:
-    return f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
+from marjara.checkpoint.reader import load_file
+from marjara.errors import MarjaraError
+from marjara.model.param_names import TIED_HEAD, global_param_name, is_expert_param
 
 
 class ZeroCheckpointReader:
@@ -60,10 +45,10 @@ class ZeroCheckpointReader:
     def __init__(self, ckpt: Checkpoint) -> None:
         self.ckpt = ckpt
         if ckpt.zero_stage not in (0, 1, 2, 3):
-            raise MarjaraError(f"{ckpt.path}/marjara.json has zero_stage {ckpt.zero_stage}; expected 0, 1, 2 or 3")
-        self.states = load_file(ckpt.file(model_states_name(ckpt)))
+            raise MarjaraError(f"{ckpt.tag_dir / META_FILE} has zero_stage {ckpt.zero_stage}; expected 0, 1, 2 or 3")
+        self.states = load_file(ckpt.model_states_file())
         if self.states.get("mp_world_size", 1) != 1:
-            raise MarjaraError(f"{ckpt.path} was saved with model parallelism, which MARJARA does not use")
+            raise MarjaraError(f"{ckpt.tag_dir} was saved with model parallelism, which MARJARA does not use")
         self.module: dict[str, torch.Tensor] = self.states["module"]
         self.aliases = set(self.states.get("shared_params") or {})
         self.buffer_names = list(self.states.get("buffer_names") or [])
@@ -74,14 +59,14 @@ class ZeroCheckpointReader:
         shapes: dict[str, torch.Size] = {}
         if self.ckpt.zero_stage == 3:
             if self.states.get("frozen_param_shapes"):
-                raise MarjaraError(f"{self.ckpt.path} has frozen parameters under ZeRO-3, which MARJARA never trains")
+                raise MarjaraError(f"{self.ckpt.tag_dir} has frozen parameters under ZeRO-3, which MARJARA never trains")
             for group in self.states["param_shapes"]:
                 shapes.update({name: torch.Size(shape) for name, shape in group.items()})
             shapes.update({name: self.module[name].shape for name in self.buffer_names})
         else:
             shapes.update({name: t.shape for name, t in self.module.items() if name not in self.aliases})
         for layer, expert in self._expert_files():
-            expert_states = load_file(self.ckpt.file(expert_file_name(layer, expert)))
+            expert_states = load_file(self.ckpt.expert_file(layer, expert))
             shapes.update({name: t.shape for name, t in expert_states.items()})
         if self.ckpt.config.tie_embeddings:
             # ZeRO-0 saves the tied head as a tensor of its own (ZeRO 1-3 list it in shared_params).
@@ -102,7 +87,7 @@ class ZeroCheckpointReader:
         file is reported before anything is written."""
         if self.ckpt.zero_stage == 3 or (self.ckpt.zero_stage in (1, 2) and self.ckpt.half_precision):
             for rank in range(self.ckpt.world_size):
-                load_file(self.ckpt.file(optim_states_name(self.ckpt, rank)), deepspeed_objects=True)
+                load_file(self.ckpt.optim_states_file(rank), deepspeed_objects=True)
 
     # ---- pieces --------------------------------------------------------------------------
     def pieces(self) -> Iterator[Piece]:
@@ -114,7 +99,7 @@ class ZeroCheckpointReader:
         else:
             if half:
                 print(
-                    f"warning: {self.ckpt.path} is a ZeRO-0 {self.ckpt.meta['dtype']} checkpoint, whose fp32 master "
+                    f"warning: {self.ckpt.tag_dir} is a ZeRO-0 {self.ckpt.meta['dtype']} checkpoint, whose fp32 master "
                     "weights carry no parameter names; exporting the module's "
                     f"{self.ckpt.meta['dtype']} weights (those the forward pass used)",
                     file=sys.stderr,
@@ -133,7 +118,7 @@ class ZeroCheckpointReader:
 
     def _expert_pieces(self) -> Iterator[Piece]:
         for layer, expert in self._expert_files():
-            expert_states = load_file(self.ckpt.file(expert_file_name(layer, expert)))
+            expert_states = load_file(self.ckpt.expert_file(layer, expert))
             for name, tensor in expert_states.items():
                 yield whole(name, tensor)
             del expert_states
@@ -144,10 +129,10 @@ class ZeroCheckpointReader:
         filled: dict[str, int] = {}
         local_experts = config.num_experts // config.ep_size if config.use_moe else 1
         for rank in range(ckpt.world_size):
-            optim = load_file(ckpt.file(optim_states_name(ckpt, rank)), deepspeed_objects=True)["optimizer_state_dict"]
+            optim = load_file(ckpt.optim_states_file(rank), deepspeed_objects=True)["optimizer_state_dict"]
             if "param_slice_mappings" not in optim:
                 raise MarjaraError(
-                    f"{ckpt.path}: optimizer files lack param_slice_mappings (DeepSpeed older than 0.8?); "
+                    f"{ckpt.tag_dir}: optimizer files lack param_slice_mappings (DeepSpeed older than 0.8?); "
                     "re-save the checkpoint with DeepSpeed 0.19"
                 )
             partitions = optim["single_partition_of_fp32_groups"]
@@ -168,7 +153,7 @@ class ZeroCheckpointReader:
         ckpt, world = self.ckpt, self.ckpt.world_size
         order = [(name, torch.Size(shape)) for group in self.states["param_shapes"] for name, shape in group.items()]
         for rank in range(world):
-            optim = load_file(ckpt.file(optim_states_name(ckpt, rank)), deepspeed_objects=True)["optimizer_state_dict"]
+            optim = load_file(ckpt.optim_states_file(rank), deepspeed_objects=True)["optimizer_state_dict"]
             flat = list(optim["fp32_flat_groups"])
             position = 0
             for name, shape in order:
@@ -181,7 +166,7 @@ class ZeroCheckpointReader:
             available = sum(t.numel() for t in flat)
             if position != available:
                 raise MarjaraError(
-                    f"{ckpt.path}: rank {rank}'s ZeRO-3 partition has {available} elements but the parameter "
+                    f"{ckpt.tag_dir}: rank {rank}'s ZeRO-3 partition has {available} elements but the parameter "
                     f"shapes need {position}; the files are not from one checkpoint"
                 )
             del optim, flat

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import re
 
+# The output head's weight, which is the embedding's when the config ties them: exports and
+# checkpoint readers leave it out (safetensors refuses shared tensors) and re-tie it on load.
+TIED_HEAD = "lm_head.weight"
 EXPERT_PATTERN = re.compile(r"(.*\.deepspeed_experts\.)(\d+)(\..*)")
 
 

@@ -15,14 +15,14 @@ import os
 from pathlib import Path
 import torch
 
-from marjara.model.config import ModelConfig
 from marjara.errors import MarjaraError
+from marjara.model.config import ModelConfig
+from marjara.model.param_names import TIED_HEAD
 
 FORMAT = "marjara"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-TIED_HEAD = "lm_head.weight"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -68,13 +68,6 @@ def read_export_config(path: str | os.PathLike) -> dict:
     if not (path / WEIGHTS_FILE).is_file():
         raise MarjaraError(f"{path} has {CONFIG_FILE} but no {WEIGHTS_FILE}; export the model again")
     return info
-
-
-
-
-
-
-
 
 def weight_targets(model) -> dict[str, torch.Tensor]:
     """The model's tensors an export holds, by name (the tied output head left out)."""

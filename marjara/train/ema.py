@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from marjara.checkpoint.format import EMA_REPLICATED as REPLICATED
+from marjara.checkpoint.format import EMA_ZERO3_SHARDS as ZERO3_SHARDS
 from marjara.model.param_names import global_param_name, is_expert_param
-
-REPLICATED, ZERO3_SHARDS = "replicated", "zero3_shards"
 
 
 def _expert_group_info(param: nn.Parameter):
@@ -154,23 +154,6 @@ class WeightEMA:
             dist.all_gather(pieces, shard)
         numel = int(torch.Size(self.shapes[name]).numel())
         return torch.cat(pieces)[:numel].reshape(self.shapes[name])
-
-
-def merge_ema_states(states: list[dict], layout: str) -> dict[str, torch.Tensor]:
-    """Full EMA tensors from every rank's state (in rank order)."""
-    full: dict[str, torch.Tensor] = {}
-    shapes = {}
-    for state in states:
-        shapes.update(state["ema_shapes"])
-    if layout == REPLICATED:
-        for state in states:
-            full.update(state["ema"])
-        return full
-    for name, shape in shapes.items():
-        numel = int(torch.Size(shape).numel())
-        flat = torch.cat([state["ema"][name].reshape(-1) for state in states])[:numel]
-        full[name] = flat.reshape(shape)
-    return full
 
 
 def _local_experts(module: nn.Module) -> int:

@@ -16,13 +16,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from marjara.checkpoint import store as ckpt
+from marjara.checkpoint.ema_reader import ema_tensors
+from marjara.checkpoint.format import Checkpoint, find_resume_point
 from marjara.train.allocator import active_allocator
 from marjara.model.config import PRESETS, ModelConfig
 from marjara.data import TrainStream, open_data, validation_batches
 from marjara.distributed import ensure_process_group, rank, world_size
 from marjara.train.ds_config import resolve_engine_settings
 from marjara.train.engine import initialize_engine
-from marjara.train.ema import WeightEMA, merge_ema_states
+from marjara.train.ema import WeightEMA
 from marjara.errors import MarjaraError
 from marjara.train.metrics import Reporter, device_peak_tflops
 from marjara.model import MarjaraModel
@@ -59,7 +61,7 @@ class Learner:
         quiet_libraries(self.rank)
         self.has_gpu = torch.cuda.is_available()
         self.settings = resolve_engine_settings(args, self.world, self.has_gpu, args.use_moe)
-        self.resume = ckpt.find_resume_point(args.resume) if args.resume else None
+        self.resume = find_resume_point(args.resume) if args.resume else None
         self.report = Reporter(self.rank == 0, self.settings.log_dir, Path(args.out_dir) / "metrics.jsonl",
                                args.max_steps, self.resume.meta["step"] if self.resume else 0)
 
@@ -154,7 +156,7 @@ class Learner:
         self.report.print("--compile: the model runs under torch.compile; the first step includes compiling it")
 
     # ---- resume -------------------------------------------------------------------------
-    def _load(self, point: ckpt.ResumePoint) -> tuple[int, int]:
+    def _load(self, point: Checkpoint) -> tuple[int, int]:
         meta = point.meta
         tag = ckpt.universal_tag(point) if self.universal else point.tag
         load_path, _ = self.engine.load_checkpoint(str(point.ckpt_dir), tag=tag)
@@ -164,7 +166,7 @@ class Learner:
             self._repair_universal_optimizer()
         same_world = meta["world_size"] == self.world
         if same_world:
-            state = torch.load(ckpt.rank_file(point.tag_dir, self.rank), weights_only=True)
+            state = torch.load(point.rank_file(self.rank), weights_only=True)
             ckpt.set_rng_state(state["rng"])
         if self.ema is not None:
             saved = meta.get("ema")
@@ -173,9 +175,7 @@ class Learner:
             if same_world and saved["layout"] == self.ema.layout:
                 self.ema.load_own(state)
             else:
-                states = [torch.load(ckpt.rank_file(point.tag_dir, r), weights_only=True)
-                          for r in range(meta["world_size"])]
-                self.ema.load_full(merge_ema_states(states, saved["layout"]))
+                self.ema.load_full(ema_tensors(point))
         self.report.print(f"resumed from {point.tag_dir} at step {meta['step']} "
                           f"({meta['samples_consumed']} samples consumed{', universal' if self.universal else ''})")
         return meta["step"], meta["samples_consumed"]

@@ -1,0 +1,238 @@
+"""The training checkpoint format: every file's name, the marjara.json schema and its format_version.
+
+CKPT_DIR/latest                        the tag of the newest complete checkpoint (written last)
+CKPT_DIR/global_stepN/                 one checkpoint ("tag"):
+    mp_rank_00_model_states.pt         DeepSpeed: the module (ZeRO 0-2), or
+    zero_pp_rank_R_mp_rank_00_model_states.pt            rank R's stand-ins (ZeRO-3)
+    [bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt     rank R's optimizer partition
+    layer_L_expert_E_mp_rank_00_model_states.pt          MoE: one file per global expert
+    marjara_rankR.pt                   MARJARA: rank R's RNG states and EMA share
+    marjara.json                       MARJARA: the schema below; written after every rank
+                                       finished, so its presence marks the checkpoint complete
+CKPT_DIR/global_stepN_universal/       DeepSpeed's universal copy for another world size
+
+marjara.json (format_version 1):
+    step, samples_consumed, tokens_seen, seq_len   where training stood
+    model_config                       ModelConfig.to_dict() as trained (ep_size may be > 1)
+    tokenizer, zero_stage, world_size  what reading the files needs
+    dtype                              "fp32" | "bf16" | "fp16"
+    ema                                null, or {"decay", "layout": one of EMA_LAYOUTS}
+    train_args                         the flags, for the record
+
+A rank file holds {"rng": ..., "ema": {global name: fp32 tensor}, "ema_shapes": {name: shape}};
+the EMA layouts say how those tensors spread over ranks:
+    "replicated"    (ZeRO 0-2) each tensor is a whole parameter, held by exactly one rank;
+    "zero3_shards"  (ZeRO-3) each rank holds a flat shard of every parameter: the parameter is
+                    the concatenation in rank order, truncated to its size (the last are padded).
+
+Resume, convert and every loader open a checkpoint through this module, so all of them check
+format_version the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from marjara.errors import MarjaraError
+from marjara.model.config import ModelConfig
+
+FORMAT_VERSION = 1
+VERSION_KEY = "format_version"
+LATEST = "latest"
+META_FILE = "marjara.json"
+UNIVERSAL_SUFFIX = "_universal"
+UNIVERSAL_DONE = "marjara_universal.ok"  # in a universal copy: the conversion finished
+REQUIRED_KEYS = ("step", "samples_consumed", "model_config", "tokenizer", "zero_stage", "world_size", "dtype")
+HALF_DTYPES = ("bf16", "fp16")
+EMA_REPLICATED, EMA_ZERO3_SHARDS = "replicated", "zero3_shards"
+EMA_LAYOUTS = (EMA_REPLICATED, EMA_ZERO3_SHARDS)
+_TAG = re.compile(r"^global_step(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+def tag_step(tag: str) -> int | None:
+    match = _TAG.match(tag)
+    return int(match.group(1)) if match else None
+
+
+def universal_tag_for(tag: str) -> str:
+    return f"{tag}{UNIVERSAL_SUFFIX}"
+
+
+def rank_file_name(rank: int) -> str:
+    return f"marjara_rank{rank}.pt"
+
+
+def model_states_name(zero_stage: int, rank: int = 0) -> str:
+    if zero_stage == 3:
+        return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+    return "mp_rank_00_model_states.pt"
+
+
+def optim_states_name(dtype: str, rank: int) -> str:
+    prefix = "bf16_" if dtype == "bf16" else ""
+    return f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+
+
+def expert_file_name(layer: int, expert: int) -> str:
+    return f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
+
+
+def meta_json(fields: dict) -> dict:
+    """The marjara.json content for `fields` (the schema's keys), stamped with FORMAT_VERSION."""
+    missing = [key for key in REQUIRED_KEYS if key not in fields]
+    if missing:
+        raise ValueError(f"checkpoint meta lacks {', '.join(missing)}")
+    return {VERSION_KEY: FORMAT_VERSION, **fields}
+
+
+def read_meta(tag_dir: Path, fix: str) -> dict:
+    """tag_dir's marjara.json, checked against the schema; `fix` ends every error line."""
+    path = tag_dir / META_FILE
+    if not path.is_file():
+        raise MarjaraError(
+            f"checkpoint {tag_dir} is incomplete: it has no {META_FILE} (rank 0 writes it last, after every "
+            f"rank finished its files), or it is not MARJARA's; {fix}"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MarjaraError(f"{path} is not valid JSON ({exc}); the save was interrupted, {fix}") from None
+    if not isinstance(meta, dict):
+        raise MarjaraError(f"{path} is not a JSON object; it was not written by MARJARA's trainer, {fix}")
+    version = meta.get(VERSION_KEY)
+    if version != FORMAT_VERSION:
+        raise MarjaraError(
+            f"{path} has {VERSION_KEY} {version!r}; this MARJARA reads checkpoints of version {FORMAT_VERSION} "
+            "(use the MARJARA that wrote it)"
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in meta]
+    if missing:
+        raise MarjaraError(f"{path} lacks {', '.join(missing)}; it was not written by MARJARA's trainer, {fix}")
+    return meta
+
+
+@dataclass
+class Checkpoint:
+    """One complete checkpoint: CKPT_DIR/<tag> and its marjara.json."""
+
+    ckpt_dir: Path
+    tag: str
+    meta: dict
+
+    @property
+    def tag_dir(self) -> Path:
+        return self.ckpt_dir / self.tag
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model config as trained (ep_size may be > 1)."""
+        return ModelConfig.from_dict(self.meta["model_config"])
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.meta["zero_stage"])
+
+    @property
+    def world_size(self) -> int:
+        return int(self.meta["world_size"])
+
+    @property
+    def half_precision(self) -> bool:
+        return self.meta["dtype"] in HALF_DTYPES
+
+    @property
+    def ema_layout(self) -> str | None:
+        """The EMA layout, None when the run kept no EMA."""
+        ema = self.meta.get("ema")
+        if not ema:
+            return None
+        if ema.get("layout") not in EMA_LAYOUTS:
+            raise MarjaraError(f"{self.tag_dir / META_FILE} names EMA layout {ema.get('layout')!r}; "
+                               f"expected one of {', '.join(EMA_LAYOUTS)}")
+        return ema["layout"]
+
+    def file(self, name: str) -> Path:
+        path = self.tag_dir / name
+        if not path.is_file():
+            raise MarjaraError(
+                f"checkpoint {self.tag_dir} is incomplete: {name} is missing (every rank writes its own files; "
+                "the save was interrupted or a file was removed); use another tag"
+            )
+        return path
+
+    def rank_file(self, rank: int) -> Path:
+        return self.file(rank_file_name(rank))
+
+    def model_states_file(self, rank: int = 0) -> Path:
+        return self.file(model_states_name(self.zero_stage, rank))
+
+    def optim_states_file(self, rank: int) -> Path:
+        return self.file(optim_states_name(self.meta["dtype"], rank))
+
+    def expert_file(self, layer: int, expert: int) -> Path:
+        return self.file(expert_file_name(layer, expert))
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Tags under ckpt_dir whose save finished (they have marjara.json), oldest step first."""
+    found = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / META_FILE).is_file()] if ckpt_dir.is_dir() else []
+    return sorted(found, key=lambda tag: (tag_step(tag) if tag_step(tag) is not None else -1, tag))
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """A folder a training run saved into (it has `latest`)."""
+    return (path / LATEST).is_file()
+
+
+def is_tag_dir(path: Path) -> bool:
+    return tag_step(path.name) is not None or (path / META_FILE).exists()
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    latest = ckpt_dir / LATEST
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def open_checkpoint(ckpt_dir: str | Path, tag: str | None = None) -> Checkpoint:
+    """The checkpoint under ckpt_dir named by tag, or by `latest` when tag is None (for convert,
+    generate and evaluate: errors point at --tag)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise MarjaraError(f"checkpoint folder {ckpt_dir} does not exist; pass the --out_dir a training run wrote")
+    if tag is None:
+        if not is_checkpoint_dir(ckpt_dir):
+            tags = complete_tags(ckpt_dir)
+            hint = f"pick one with --tag: {', '.join(tags)}" if tags else "pass the --out_dir a training run wrote"
+            raise MarjaraError(f"no DeepSpeed checkpoint in {ckpt_dir} (it has no '{LATEST}' file); {hint}")
+        tag = latest_tag(ckpt_dir)
+        if not tag:
+            raise MarjaraError(f"{ckpt_dir / LATEST} is empty; pick a checkpoint with --tag")
+    if not (ckpt_dir / tag).is_dir():
+        tags = complete_tags(ckpt_dir)
+        raise MarjaraError(
+            f"checkpoint tag {tag!r} not found in {ckpt_dir}; "
+            + (f"available tags: {', '.join(tags)}" if tags else "the folder holds no checkpoints")
+        )
+    return Checkpoint(ckpt_dir, tag, read_meta(ckpt_dir / tag, "use another --tag"))
+
+
+def find_resume_point(path: str) -> Checkpoint:
+    """--resume DIR (the tag `latest` names) or DIR/TAG, checked for completeness and version."""
+    given = Path(path)
+    if not given.exists():
+        raise MarjaraError(f"--resume {path}: no such folder; pass a checkpoint folder (e.g. checkpoints/) or folder/TAG")
+    if is_checkpoint_dir(given):
+        ckpt_dir, tag = given, latest_tag(given)
+    elif is_tag_dir(given):
+        ckpt_dir, tag = given.parent, given.name
+    else:
+        raise MarjaraError(f"--resume {path}: no `{LATEST}` file and not a checkpoint tag folder; "
+                           "pass the folder train.py saved into")
+    return Checkpoint(ckpt_dir, tag, read_meta(ckpt_dir / tag, "resume from another tag"))
