@@ -6,7 +6,7 @@
 MODEL is the OUT_DIR of python -m marjara.convert, or a checkpoint folder (--tag, --ema select
 what to convert). lm-eval cannot discover models from other packages, so this registers the
 "marjara" model and then hands the command line to lm-eval. Needs the eval extra:
-pip install 'marjara[eval]'.
+pip install -e '.[eval]' in the MARJARA checkout.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 
 from marjara.errors import MarjaraError, cli_entry
 
-INSTALL_HINT = "pip install 'marjara[eval]' (or pip install lm-eval==0.4.13)"
+INSTALL_HINT = "pip install -e '.[eval]' in the MARJARA checkout (or pip install lm-eval==0.4.13)"
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
@@ -30,29 +30,6 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch_size", default="16", help="sequences per forward pass")
     return parser.parse_known_args(argv)
-
-
-def skip_builtin_tasks_when_all_local(tasks: str, include_path: str | None) -> bool:
-    """lm-eval indexes its ~230 built-in task folders on every run (12-25 s here) even when every
-    requested task is a local YAML. When each name in --tasks is a plain task found in
-    --include_path, make lm-eval's TaskManager skip that index. Returns whether it did."""
-    if not include_path:
-        return False
-    import lm_eval.tasks
-    from lm_eval.tasks import TaskManager
-
-    local = TaskManager(include_path=include_path, include_defaults=False).task_index
-    names = [name.strip() for name in tasks.split(",") if name.strip()]
-    if not names or any(name not in local or local[name].kind.name != "TASK" for name in names):
-        return False
-
-    class LocalTaskManager(TaskManager):
-        def __init__(self, *args, **kwargs):
-            kwargs.setdefault("include_defaults", False)
-            super().__init__(*args, **kwargs)
-
-    lm_eval.tasks.TaskManager = LocalTaskManager
-    return True
 
 
 def _include_path(rest: list[str]) -> str | None:
@@ -94,11 +71,12 @@ def main(argv=None) -> int:
 
     import marjara.eval.lm_eval_adapter  # noqa: F401  (registers the "marjara" model)
     from marjara.checkpoint.inference import resolve_model_path
+    from marjara.compat import skip_builtin_task_index
 
     # A bad model folder gets our one-line error before lm-eval spends seconds indexing tasks.
     resolve_model_path(args.model, args.tag, args.ema)
     argv_for_lm_eval = lm_eval_argv(args, rest)
-    skip_builtin_tasks_when_all_local(args.tasks, _include_path(rest))
+    skip_builtin_task_index(args.tasks, _include_path(rest))
     saved, sys.argv = sys.argv, argv_for_lm_eval
     try:
         cli_evaluate()

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from marjara.compat import ensure_expert_group
 from marjara.model.config import ModelConfig
 
 
@@ -48,9 +49,7 @@ class MoEFeedForward(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.moe.deepspeed_moe.ep_group is None:
-            # No DeepSpeed engine attached the expert-parallel group (plain inference, tests).
-            self.moe.set_deepspeed_parallelism()
+        ensure_expert_group(self.moe)  # an engine gives it one; a model run without an engine has none
         return self.moe(x)
 
 

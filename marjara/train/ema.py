@@ -21,16 +21,14 @@ from torch import nn
 
 from marjara.checkpoint.format import EMA_REPLICATED as REPLICATED
 from marjara.checkpoint.format import EMA_ZERO3_SHARDS as ZERO3_SHARDS
+from marjara.compat import expert_groups
 from marjara.model.param_names import global_param_name, is_expert_param
 
 
 def _expert_group_info(param: nn.Parameter):
     """(data-parallel group of this expert, its size, this rank's index in it, expert-parallel rank)."""
-    from deepspeed.utils import groups
-
-    name = param.group_name
-    dp_group = groups._get_expert_data_parallel_group(name)
-    return dp_group, dist.get_world_size(dp_group), dist.get_rank(dp_group), groups._get_expert_parallel_rank(name)
+    dp_group, ep_rank = expert_groups(param.group_name)
+    return dp_group, dist.get_world_size(dp_group), dist.get_rank(dp_group), ep_rank
 
 
 class WeightEMA:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from marjara.checkpoint import store as ckpt
 from marjara.checkpoint.ema_reader import ema_tensors
 from marjara.checkpoint.format import Checkpoint, find_resume_point
+from marjara.compat import repair_universal_optimizer
 from marjara.train.allocator import active_allocator
 from marjara.model.config import PRESETS, ModelConfig
 from marjara.data import TrainStream, open_data, validation_batches
@@ -163,7 +164,7 @@ class Learner:
         if load_path is None:
             raise MarjaraError(f"DeepSpeed found no checkpoint at {point.ckpt_dir / tag}; resume from another tag")
         if self.universal:
-            self._repair_universal_optimizer()
+            repair_universal_optimizer(self.engine, self._group_hparams)
         same_world = meta["world_size"] == self.world
         if same_world:
             state = torch.load(point.rank_file(self.rank), weights_only=True)
@@ -179,17 +180,6 @@ class Learner:
         self.report.print(f"resumed from {point.tag_dir} at step {meta['step']} "
                           f"({meta['samples_consumed']} samples consumed{', universal' if self.universal else ''})")
         return meta["step"], meta["samples_consumed"]
-
-    def _repair_universal_optimizer(self) -> None:
-        """DeepSpeed's universal load shares one `step` tensor between all parameter groups (torch's
-        AdamW then advances it once per group) and copies group 0's hyper-parameters onto every group.
-        Give each state its own step and each group its own hyper-parameters back."""
-        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
-        for group, hparams in zip(inner.param_groups, self._group_hparams):
-            group["weight_decay"] = hparams["weight_decay"]
-        for state in inner.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
 
     # ---- training -----------------------------------------------------------------------
     @contextlib.contextmanager

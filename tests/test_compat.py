@@ -1,0 +1,160 @@
+"""marjara.compat: each patch of DeepSpeed's and lm-eval's internals still takes effect on the
+installed versions, and the version guards speak up when a version is not one they were tested with."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from marjara import compat
+from marjara.distributed import ensure_process_group
+from marjara.model import MarjaraModel
+from marjara.model.config import ModelConfig
+from train_helpers import ROOT
+
+
+@pytest.fixture
+def fresh_guard(monkeypatch):
+    monkeypatch.setattr(compat, "_warned", set())
+    monkeypatch.delenv("RANK", raising=False)
+
+
+def fake_version(monkeypatch, installed):
+    monkeypatch.setattr(compat, "installed_version", lambda package: installed)
+
+
+def test_the_installed_versions_are_the_tested_ones(fresh_guard, capsys):
+    assert compat.version_guard("deepspeed") and compat.version_guard("lm-eval")
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("package, installed", [("deepspeed", "0.19.7"), ("deepspeed", "0.20.0"),
+                                                ("lm-eval", "0.4.12"), ("lm-eval", "0.5.0"), ("deepspeed", None)])
+def test_an_untested_version_is_reported_loudly_once(fresh_guard, monkeypatch, capsys, package, installed):
+    fake_version(monkeypatch, installed)
+    assert not compat.version_guard(package)
+    assert not compat.version_guard(package)
+    err = capsys.readouterr().err
+    low, high = compat.TESTED[package]
+    assert err.count(f"WARNING: {package} {installed} is installed") == 1, err
+    assert f"tested with {package} >= {low}, < {high}" in err
+
+
+def test_only_rank_0_reports_an_untested_version(fresh_guard, monkeypatch, capsys):
+    fake_version(monkeypatch, "0.21.0")
+    monkeypatch.setenv("RANK", "1")
+    assert not compat.version_guard("deepspeed")
+    assert capsys.readouterr().err == ""
+
+
+def test_the_patches_consult_the_guard(fresh_guard, monkeypatch, capsys):
+    fake_version(monkeypatch, "0.21.0")
+    compat.share_zero3_fp32_masters()
+    assert "WARNING: deepspeed 0.21.0 is installed" in capsys.readouterr().err
+
+
+def test_pyproject_bounds_are_the_tested_ranges():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    low, high = compat.TESTED["deepspeed"]
+    assert f"deepspeed>={low},<{high}" in project["dependencies"]
+    low, high = compat.TESTED["lm-eval"]
+    assert project["optional-dependencies"]["eval"] == [f"lm-eval=={low}"]
+    assert high == "0.4.14"  # a pin: exactly the tested release
+
+
+# ---- DeepSpeed ------------------------------------------------------------------------------
+
+def tiny_engine(stage: int, model=None, config=None):
+    from marjara.train.engine import initialize_engine
+    from marjara.train.optim import build_adamw, parameter_groups
+
+    ensure_process_group()
+    torch.manual_seed(0)
+    model = model or MarjaraModel(ModelConfig.from_preset("tiny", vocab_size=128))
+    groups = parameter_groups(model, 0.1)
+    settings = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                "zero_optimization": {"stage": stage}, **(config or {})}
+    return initialize_engine(model=model, optimizer=build_adamw(groups, 1e-3), config=settings), groups
+
+
+@pytest.fixture
+def real_linear():
+    """A ZeRO-3 engine replaces torch.nn.functional.linear process-wide; give it back afterwards."""
+    linear = F.linear
+    yield
+    F.linear = linear
+
+
+def step(engine, seed: int = 1) -> None:
+    batch = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(seed))
+    _, loss = engine(batch[:, :-1], batch[:, 1:])
+    engine.backward(loss)
+    engine.step()
+
+
+@pytest.mark.parametrize("stage, allreduces", [(0, 0), (1, 1)])
+def test_a_one_rank_zero0_backward_runs_no_gradient_allreduce(monkeypatch, stage, allreduces):
+    engine, _ = tiny_engine(stage)
+    calls = []
+    original = engine.allreduce_gradients
+    monkeypatch.setattr(engine, "allreduce_gradients", lambda *a, **k: calls.append(1) or original(*a, **k))
+    step(engine)
+    assert len(calls) == allreduces
+
+
+def test_a_moe_model_run_without_an_engine_gets_its_expert_groups():
+    ensure_process_group()
+    config = ModelConfig.from_preset("tiny", vocab_size=128, use_moe=True, num_experts=4, top_k=2)
+    model = MarjaraModel(config)
+    layers = [block.ffn.moe for block in model.blocks if block.is_moe]
+    assert all(layer.deepspeed_moe.ep_group is None for layer in layers)  # no engine attached one
+    logits, _ = model(torch.randint(0, 128, (2, 8)))
+    assert logits.shape == (2, 8, 128)
+    assert all(layer.deepspeed_moe.ep_group is not None for layer in layers)
+    expert = next(p for n, p in model.named_parameters() if "deepspeed_experts" in n)
+    group, ep_rank = compat.expert_groups(expert.group_name)
+    assert torch.distributed.get_world_size(group) == 1 and ep_rank == 0
+
+
+def test_a_universal_load_gives_every_group_its_own_weight_decay_and_step(tmp_path, real_linear):
+    from marjara.checkpoint.format import Checkpoint
+    from marjara.checkpoint.store import universal_tag
+
+    engine, groups = tiny_engine(3)
+    for seed in (1, 2):
+        step(engine, seed)
+    engine.save_checkpoint(str(tmp_path), tag="global_step2")
+    tag = universal_tag(Checkpoint(tmp_path, "global_step2", {}))
+    resumed, _ = tiny_engine(3, config={"checkpoint": {"load_universal": True}})
+    resumed.load_checkpoint(str(tmp_path), tag=tag)
+    inner = resumed.optimizer.optimizer
+    steps = [state["step"] for state in inner.state.values()]
+    # What DeepSpeed's loader leaves (if this fails, DeepSpeed fixed it: drop the repair).
+    assert [g["weight_decay"] for g in inner.param_groups] == [0.1, 0.1]
+    assert len({id(s) for s in steps}) < len(steps)
+
+    compat.repair_universal_optimizer(resumed, [{k: v for k, v in g.items() if k != "params"} for g in groups])
+    assert [g["weight_decay"] for g in inner.param_groups] == [0.1, 0.0]
+    assert len({id(s["step"]) for s in inner.state.values()}) == len(steps)
+    assert all(int(s["step"]) == 2 for s in inner.state.values())
+    step(resumed, 3)
+    assert all(int(s["step"]) == 3 for s in inner.state.values())  # each advanced once, not once per group
+
+
+# ---- lm-eval --------------------------------------------------------------------------------
+
+def test_the_lm_eval_cli_indexes_no_builtin_task_when_all_are_local(tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    import lm_eval.tasks
+    from lm_eval.config.evaluate_config import EvaluatorConfig
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lm_eval.tasks.TaskManager)  # undone after the test
+    (tmp_path / "mine.yaml").write_text(
+        "task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: /nonexistent.jsonl\n"
+        "test_split: test\noutput_type: loglikelihood\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n")
+    assert not compat.skip_builtin_task_index("mine,hellaswag", str(tmp_path))  # a built-in task is asked for
+    assert compat.skip_builtin_task_index("mine", str(tmp_path))
+    config = EvaluatorConfig(tasks="mine", include_path=str(tmp_path))
+    index = config.process_tasks().task_index  # what lm-eval's own `run` command does
+    assert "mine" in index and "hellaswag" not in index
+    assert config.tasks == ["mine"]
