@@ -63,3 +63,61 @@ def test_each_file_format_keeps_its_version_in_one_module():
                     for target in node.targets if isinstance(target, ast.Name)}
         if "FORMAT_VERSION" in assigned:
             assert name in (CHECKPOINT_FORMAT, "marjara.model.pretrained", "marjara.data.formats"), name
+
+
+def imported_modules(name: str, tree: ast.Module, known: set[str]) -> set[str]:
+    """The marjara modules `name` imports anywhere in its source, lazy imports inside functions
+    included: `from a.b import c` counts as a.b.c when that is a module, else as a.b."""
+    package = name if (PACKAGE.parent / name.replace(".", "/") / "__init__.py").exists() else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
+    return {module for module in found if module in known and module != name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    trees = modules()
+    return {name: imported_modules(name, tree, set(trees)) for name, tree in trees.items()}
+
+
+def test_no_import_cycle_among_marjara_modules():
+    """Every arrow of the design points one way. (`import a.b.c` runs a/__init__ and a/b/__init__
+    too, but counts as an import of a.b.c only: a package's __init__ is an edge where it is named.)"""
+    graph = import_graph()
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                cycle = path[path.index(target):] + [target] if target in path else [module, target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_the_model_package_imports_nothing_of_training_checkpoints_launchers_or_evaluation():
+    forbidden = ("marjara.train", "marjara.checkpoint", "marjara.launch", "marjara.eval", "marjara.distributed")
+    for name, targets in import_graph().items():
+        if name == "marjara.model" or name.startswith("marjara.model."):
+            wrong = sorted(t for t in targets if t.startswith(forbidden))
+            assert not wrong, f"{name} imports {', '.join(wrong)}"
+
+
+def test_the_import_checks_see_lazy_and_relative_imports():
+    tree = ast.parse("def f():\n    from marjara.train import ema\n    from .config import ModelConfig\n")
+    known = {"marjara.train", "marjara.train.ema", "marjara.model.config", "marjara.model.x"}
+    assert imported_modules("marjara.model.x", tree, known) == {"marjara.train.ema", "marjara.model.config"}

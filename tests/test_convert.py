@@ -20,7 +20,7 @@ from marjara.model.ffn import inference_routing
 from marjara.model import MarjaraModel
 from marjara.model.pretrained import CONFIG_FILE, WEIGHTS_FILE
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("process_group")]  # MoE models need one
 
 
 def zero_to_fp32(ckpt_dir, tag=None) -> dict[str, torch.Tensor]:

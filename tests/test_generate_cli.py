@@ -13,6 +13,8 @@ from marjara.model import MarjaraModel
 from marjara.checkpoint.export import save_pretrained
 from marjara.data.tokenizer import get_tokenizer
 
+pytestmark = pytest.mark.usefixtures("process_group")  # the MoE models built here need one
+
 BYTES = get_tokenizer("bytes")
 
 

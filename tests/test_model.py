@@ -1,4 +1,7 @@
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +12,8 @@ from marjara.model.config import ModelConfig
 from marjara.model.ffn import inference_routing
 from marjara.model import MarjaraModel
 from marjara.model.rope import RotaryEmbedding, apply_rotary
+
+pytestmark = pytest.mark.usefixtures("process_group")  # the MoE models built here need one
 
 VOCAB = 101
 
@@ -224,3 +229,15 @@ def test_tiny_model_overfits_one_batch(overrides):
         if loss.item() < 0.1:
             break
     assert loss.item() < 0.1, f"loss {loss.item():.3f} after {step + 1} steps"
+
+
+def test_a_moe_model_without_a_process_group_says_who_sets_one_up():
+    """The model starts no process group itself: in a plain process it names the one call to make."""
+    code = ("from marjara.model import MarjaraModel, ModelConfig\n"
+            "MarjaraModel(ModelConfig.from_preset('tiny', vocab_size=128, use_moe=True))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "a MoE model needs DeepSpeed's process group and none is set up" in last, last
+    assert "marjara.distributed.ensure_process_group()" in last

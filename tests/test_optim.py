@@ -6,6 +6,8 @@ from marjara.model.config import ModelConfig
 from marjara.model import MarjaraModel
 from marjara.train.optim import lr_factor, parameter_groups
 
+pytestmark = pytest.mark.usefixtures("process_group")  # the MoE models built here need one
+
 
 def test_warmup_then_cosine_to_the_minimum():
     assert lr_factor(0, 10, 110, 0.1) == pytest.approx(0.1)

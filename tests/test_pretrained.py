@@ -12,9 +12,11 @@ from marjara.errors import MarjaraError
 from marjara.model.ffn import inference_routing
 from marjara.model import MarjaraModel
 from marjara.checkpoint.export import save_pretrained
-from marjara.model.pretrained import CONFIG_FILE, WEIGHTS_FILE, load_pretrained
+from marjara.model.pretrained import CONFIG_FILE, WEIGHTS_FILE
 from marjara.checkpoint.safetensors_writer import write_pieces
 from marjara.checkpoint.pieces import Piece
+
+pytestmark = pytest.mark.usefixtures("process_group")  # the MoE models built here need one
 
 VOCAB = 101
 MOE = dict(use_moe=True, num_experts=4, top_k=2)
@@ -50,11 +52,11 @@ def test_bf16_export_is_read_as_bf16_and_rounds_the_fp32_weights(tmp_path):
     save_pretrained(model, model.config, tmp_path / "bf16", tokenizer="bytes", dtype=torch.bfloat16)
     with safe_open(str(tmp_path / "bf16" / WEIGHTS_FILE), framework="pt") as f:
         assert f.get_tensor("tok_emb.weight").dtype == torch.bfloat16
-    loaded = load_pretrained(tmp_path / "bf16")
+    loaded = MarjaraModel.from_pretrained(tmp_path / "bf16")
     assert loaded.tok_emb.weight.dtype == torch.bfloat16
     assert loaded.rotary.inv_freq.dtype == torch.float32  # buffers stay fp32
     assert torch.equal(loaded.tok_emb.weight, model.tok_emb.weight.bfloat16())
-    assert load_pretrained(tmp_path / "bf16", dtype=torch.float32).tok_emb.weight.dtype == torch.float32
+    assert MarjaraModel.from_pretrained(tmp_path / "bf16", dtype=torch.float32).tok_emb.weight.dtype == torch.float32
 
 
 def test_streaming_writer_matches_safetensors_own_writer(tmp_path):
@@ -102,26 +104,26 @@ def test_a_failed_export_leaves_no_folder_behind(tmp_path):
 
 def test_from_pretrained_errors_name_the_problem(tmp_path):
     with pytest.raises(MarjaraError, match="does not exist"):
-        load_pretrained(tmp_path / "nowhere")
+        MarjaraModel.from_pretrained(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(MarjaraError, match="has no config.json"):
-        load_pretrained(tmp_path / "empty")
+        MarjaraModel.from_pretrained(tmp_path / "empty")
     model = build()
     out = save_pretrained(model, model.config, tmp_path / "m", tokenizer="bytes")
     info = json.loads((out / CONFIG_FILE).read_text())
     (out / CONFIG_FILE).write_text(json.dumps({**info, "format": "hf"}))
     with pytest.raises(MarjaraError, match="not describe a MARJARA model"):
-        load_pretrained(out)
+        MarjaraModel.from_pretrained(out)
     (out / CONFIG_FILE).write_text(json.dumps({**info, "model": {**info["model"], "n_layers": 3}}))
     with pytest.raises(MarjaraError, match=r"does not match the model config \(missing: none; unexpected: blocks\.3"):
-        load_pretrained(out)
+        MarjaraModel.from_pretrained(out)
     (out / CONFIG_FILE).write_text(json.dumps(info))
     (out / WEIGHTS_FILE).write_bytes((out / WEIGHTS_FILE).read_bytes()[:1000])
     with pytest.raises(MarjaraError, match="truncated or corrupt"):
-        load_pretrained(out)
+        MarjaraModel.from_pretrained(out)
     (out / WEIGHTS_FILE).unlink()
     with pytest.raises(MarjaraError, match="no model.safetensors"):
-        load_pretrained(out)
+        MarjaraModel.from_pretrained(out)
 
 
 def test_save_pretrained_refuses_to_replace_a_different_model(tmp_path):
@@ -133,4 +135,4 @@ def test_save_pretrained_refuses_to_replace_a_different_model(tmp_path):
         save_pretrained(b, b.config, tmp_path / "m", tokenizer="bytes", source={"tag": "b"})
     assert (tmp_path / "m" / WEIGHTS_FILE).read_bytes() == before
     save_pretrained(b, b.config, tmp_path / "m", tokenizer="bytes", source={"tag": "b"}, overwrite=True)
-    assert torch.equal(load_pretrained(tmp_path / "m").tok_emb.weight, b.tok_emb.weight)
+    assert torch.equal(MarjaraModel.from_pretrained(tmp_path / "m").tok_emb.weight, b.tok_emb.weight)

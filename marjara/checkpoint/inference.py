@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 
 from marjara.checkpoint.format import LATEST, is_checkpoint_dir, is_tag_dir, open_checkpoint
+from marjara.distributed import ensure_process_group
 from marjara.errors import MarjaraError
 from marjara.model.ffn import inference_routing
-from marjara.model.pretrained import is_pretrained_dir, load_pretrained, read_export_config
+from marjara.model import MarjaraModel
+from marjara.model.pretrained import is_pretrained_dir, read_export_config
 from marjara.data.tokenizer import Tokenizer, get_tokenizer
 
 
@@ -40,21 +42,28 @@ def resolve_model_path(path: str | os.PathLike, tag: str | None = None, ema: boo
 def load_for_inference(path: str | os.PathLike, tag: str | None = None, ema: bool = False,
                        device: str | torch.device = "cpu", dtype: torch.dtype | None = None
                        ) -> tuple[torch.nn.Module, Tokenizer]:
-    """(model in eval mode, its tokenizer); a checkpoint is converted in memory.
+    """(model in eval mode, its tokenizer); a checkpoint is converted in memory. A MoE model
+    gets the one-rank process group it needs when no launcher made one.
 
     DeepSpeed announces on stdout the process group an MoE model joins (at construction and at
     its first forward); both happen here with stdout sent to stderr, so that a command's own
     output (generated text) stays clean.
     """
     folder, tag, is_checkpoint = resolve_model_path(path, tag, ema)
+    if is_checkpoint:
+        uses_moe = open_checkpoint(folder, tag).config.use_moe
+    else:
+        uses_moe = bool(read_export_config(folder)["model"].get("use_moe"))
     with contextlib.redirect_stdout(sys.stderr):
+        if uses_moe:
+            ensure_process_group()  # DeepSpeed's MoE layers need one; this process may have none yet
         if is_checkpoint:
             from marjara.convert import load_checkpoint_model
 
             model, tokenizer_name = load_checkpoint_model(folder, tag=tag, ema=ema, device=device, dtype=dtype)
         else:
             tokenizer_name = read_export_config(folder)["tokenizer"]
-            model = load_pretrained(folder, device=device, dtype=dtype)
+            model = MarjaraModel.from_pretrained(folder, device=device, dtype=dtype)
         if model.config.use_moe:
             with torch.no_grad(), inference_routing(model):
                 model(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))

@@ -100,14 +100,17 @@ def set_dtype(model, device: str | torch.device, dtype: torch.dtype):
     return model.eval()
 
 
-def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """The exported model in path, strictly loaded, in eval mode (dtype None: as stored)."""
+def exported_model_config(info: dict) -> ModelConfig:
+    """The ModelConfig of an export's config.json (see read_export_config)."""
+    return ModelConfig.from_dict(info["model"]).replace(ep_size=1)
+
+
+def load_weights(model, path: str | os.PathLike, info: dict, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None):
+    """Fill `model` (built from exported_model_config(info)) strictly from the export in path;
+    returns it on device, in eval mode, in dtype (None: as stored)."""
     from safetensors import SafetensorError, safe_open
 
-    from marjara.model import MarjaraModel
-
-    info = read_export_config(path)
-    model = MarjaraModel(ModelConfig.from_dict(info["model"]).replace(ep_size=1))
     targets = weight_targets(model)
     weights = Path(path) / WEIGHTS_FILE
     fix = "export the model again"

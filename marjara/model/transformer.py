@@ -15,6 +15,7 @@ from marjara.model.config import ModelConfig
 from marjara.errors import MarjaraError
 from marjara.model.ffn import MoEFeedForward, SwiGLU
 from marjara.model.param_names import is_expert_param
+from marjara.model.pretrained import exported_model_config, load_weights, read_export_config
 from marjara.model.rope import RotaryEmbedding
 
 
@@ -44,7 +45,7 @@ class MarjaraModel(nn.Module):
         super().__init__()
         self.config = config
         if config.use_moe:
-            _prepare_expert_parallelism(config)
+            _check_process_group(config)
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.emb_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -151,9 +152,10 @@ class MarjaraModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-        from marjara.model.pretrained import load_pretrained
-
-        return load_pretrained(path, device=device, dtype=dtype)
+        """The model exported in path (python -m marjara.convert, save_pretrained), strictly loaded,
+        in eval mode (dtype None: as stored)."""
+        info = read_export_config(path)
+        return load_weights(cls(exported_model_config(info)), path, info, device=device, dtype=dtype)
 
 
 def _full_numel(param: torch.Tensor) -> int:
@@ -161,13 +163,19 @@ def _full_numel(param: torch.Tensor) -> int:
     return getattr(param, "ds_numel", param.numel())
 
 
-def _prepare_expert_parallelism(config: ModelConfig) -> None:
-    """DeepSpeed's MoE layers need a process group; make one when running without a launcher."""
-    from marjara.distributed import ensure_process_group, world_size
+def _check_process_group(config: ModelConfig) -> None:
+    """DeepSpeed's MoE layers build their expert groups from DeepSpeed's process group, which
+    whoever runs the model sets up: a launcher, or marjara.distributed in a plain process."""
+    import deepspeed.comm
 
-    ensure_process_group()
-    if world_size() % config.ep_size:
+    if not deepspeed.comm.is_initialized():
         raise MarjaraError(
-            f"ep_size ({config.ep_size}) must divide the number of ranks ({world_size()}); "
+            "a MoE model needs DeepSpeed's process group and none is set up; run it under a launcher, or call "
+            "marjara.distributed.ensure_process_group() first (a one-rank group in a plain process)"
+        )
+    world = deepspeed.comm.get_world_size()
+    if world % config.ep_size:
+        raise MarjaraError(
+            f"ep_size ({config.ep_size}) must divide the number of ranks ({world}); "
             f"launch a multiple of {config.ep_size} ranks or lower --ep_size"
         )
