@@ -18,11 +18,13 @@ from marjara.model import MarjaraModel
 from marjara.checkpoint.export import save_pretrained
 from marjara.data.tokenizer import get_tokenizer
 
-lm_eval = pytest.importorskip("lm_eval", reason="the eval extra is not installed (pip install '.[eval]')")
+lm_eval = pytest.importorskip("lm_eval", reason="the eval extra is not installed (pip install -e '.[eval]')")
 
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
 from marjara.eval.lm_eval_adapter import MarjaraLM  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("process_group")  # the MoE models built here need one
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BYTES = get_tokenizer("bytes")
@@ -184,7 +186,7 @@ def test_without_lm_eval_the_command_says_how_to_install_it(capsys, monkeypatch,
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path), "--tasks", "x"])
     assert exit_info.value.code == 2
-    assert "lm-evaluation-harness is not installed; pip install 'marjara[eval]'" in capsys.readouterr().err
+    assert "lm-evaluation-harness is not installed; pip install -e '.[eval]'" in capsys.readouterr().err
 
 
 def test_a_bad_model_folder_fails_before_lm_eval_starts(capsys, tmp_path):

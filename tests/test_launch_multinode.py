@@ -188,7 +188,7 @@ def _can_unshare_network() -> bool:
 
 
 @pytest.mark.skipif(bool(missing_tools("mpirun")), reason="needs an MPI: apt-get install openmpi-bin")
-@pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None, reason="needs mpi4py: pip install .[mpi]")
+@pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None, reason="needs mpi4py: pip install -e '.[mpi]'")
 @pytest.mark.skipif(not _can_unshare_network(), reason="needs unshare --net (root or CAP_SYS_ADMIN) and iproute2")
 def test_bare_mpirun_uses_deepspeed_mpi_discovery(job):
     """`mpirun python train.py` with no launcher variables: mpi4py discovery fills them in.
