@@ -1,5 +1,6 @@
 """Checkpoints written by real 2-rank train.py runs, made once per test session and shared by the
-convert, generate and evaluate tests (a launch costs 11-30 s on a 2-core machine).
+convert, generate and evaluate tests (each launch starts two interpreters and DeepSpeed's
+engine: the slowest part of those tests, so none is repeated).
 
 Each test module asks with `checkpoint(tmp_path_factory, NAME)`; the first call launches, later
 calls (from any module) reuse the folder.
