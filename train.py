@@ -7,16 +7,16 @@
 
 import marjara  # noqa: F401  (sets DeepSpeed's accelerator before deepspeed is imported)
 from marjara.errors import cli_entry
-from marjara.train.args import parse_args
+from marjara.train.args import parse_config
 
 
 @cli_entry
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    config = parse_config(argv)
     from marjara.distributed import shutdown
     from marjara.train.learner import Learner
 
-    learner = Learner(args)
+    learner = Learner(config)
     code = learner.fit()
     learner.engine.destroy()  # removes its hooks, which keep its process groups alive
     del learner

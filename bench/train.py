@@ -33,19 +33,22 @@ import marjara  # noqa: E402,F401
 from marjara.train.allocator import active_allocator, find_tcmalloc  # noqa: E402
 from marjara.model.config import PRESETS, ModelConfig  # noqa: E402
 from marjara.distributed import ensure_process_group, exit_now, rank, shutdown, world_size  # noqa: E402
-from marjara.train.ds_config import resolve_engine_settings  # noqa: E402
+from marjara.train.config import TrainConfig  # noqa: E402
 from marjara.train.engine import initialize_engine  # noqa: E402
 from marjara.train.metrics import device_peak_tflops  # noqa: E402
 from marjara.model import MarjaraModel  # noqa: E402
 from marjara.train.optim import build_adamw, parameter_groups  # noqa: E402
-from marjara.train.args import parse_args  # noqa: E402
 
 
-def ds_config(stage: int, batch: int, precision: str, grad_accum: int = 1) -> dict:
-    """The shipped ds_configs/zeroN.json, resolved exactly as train.py resolves it."""
-    args = parse_args(["--deepspeed_config", str(ROOT / "ds_configs" / f"zero{stage}.json"), "--batch_size",
-                       str(batch), "--grad_accum", str(grad_accum), "--mixed_precision", precision])
-    return resolve_engine_settings(args, world_size(), torch.cuda.is_available(), use_moe=False).ds_config
+def train_config(stage: int, batch: int, precision: str, grad_accum: int = 1) -> TrainConfig:
+    """The run train.py would make of the shipped ds_configs/zeroN.json and these flags (lr 1e-4)."""
+    return TrainConfig.from_flags({"deepspeed_config": str(ROOT / "ds_configs" / f"zero{stage}.json"), "lr": 1e-4,
+                                   "batch_size": batch, "grad_accum": grad_accum, "mixed_precision": precision})
+
+
+def new_engine(model: MarjaraModel, cfg: TrainConfig):
+    optimizer = build_adamw(parameter_groups(model, cfg.weight_decay), cfg)
+    return initialize_engine(model=model, optimizer=optimizer, config=cfg.engine_config(world_size()))
 
 
 def build(preset: str, seed: int = 0) -> MarjaraModel:
@@ -83,7 +86,8 @@ def tokens_per_sec(step, data) -> float:
 
 def time_plain(args, device) -> float:
     model = build(args.preset).to(device)
-    optimizer = build_adamw(parameter_groups(model, 0.1), 1e-4)
+    cfg = train_config(0, args.batch_size, args.precision, args.grad_accum)
+    optimizer = build_adamw(parameter_groups(model, cfg.weight_decay), cfg)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def step(micro_batches):
@@ -91,7 +95,7 @@ def time_plain(args, device) -> float:
             with autocast:
                 _, loss = model(x, targets=y)
             (loss / len(micro_batches)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -99,9 +103,7 @@ def time_plain(args, device) -> float:
 
 
 def time_engine(args, stage: int) -> float:
-    model = build(args.preset)
-    engine = initialize_engine(model=model, optimizer=build_adamw(parameter_groups(model, 0.1), 1e-4),
-                               config=ds_config(stage, args.batch_size, args.precision, args.grad_accum))
+    engine = new_engine(build(args.preset), train_config(stage, args.batch_size, args.precision, args.grad_accum))
 
     def step(micro_batches):
         for x, y in micro_batches:  # the engine scales the loss by 1/grad_accum and steps at the boundary
@@ -109,7 +111,7 @@ def time_engine(args, stage: int) -> float:
             engine.backward(loss)
             engine.step()
 
-    return tokens_per_sec(step, optimizer_steps(model.config, args, engine.device))
+    return tokens_per_sec(step, optimizer_steps(engine.module.config, args, engine.device))
 
 
 def model_state_bytes(engine) -> int:
@@ -150,10 +152,8 @@ def memory_worker(args) -> None:
     from then on; its size does not depend on the batch, so the batch is tiny), then its memory."""
     ensure_process_group()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    model = build(args.preset)
-    engine = initialize_engine(model=model, optimizer=build_adamw(parameter_groups(model, 0.1), 1e-4),
-                               config=ds_config(args.stage, 1, args.precision))
-    for x, y in batches(model.config, 1, 16, 1, engine.device):
+    engine = new_engine(build(args.preset), train_config(args.stage, 1, args.precision))
+    for x, y in batches(engine.module.config, 1, 16, 1, engine.device):
         _, loss = engine(x, y)
         engine.backward(loss)
         engine.step()

@@ -65,16 +65,17 @@ def test_pyproject_bounds_are_the_tested_ranges():
 # ---- DeepSpeed ------------------------------------------------------------------------------
 
 def tiny_engine(stage: int, model=None, config=None):
+    from marjara.train.config import TrainConfig
     from marjara.train.engine import initialize_engine
     from marjara.train.optim import build_adamw, parameter_groups
 
     ensure_process_group()
     torch.manual_seed(0)
     model = model or MarjaraModel(ModelConfig.from_preset("tiny", vocab_size=128))
-    groups = parameter_groups(model, 0.1)
-    settings = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-                "zero_optimization": {"stage": stage}, **(config or {})}
-    return initialize_engine(model=model, optimizer=build_adamw(groups, 1e-3), config=settings), groups
+    cfg = TrainConfig.from_flags({"batch_size": 2, "zero_stage": stage}, has_gpu=False)
+    groups = parameter_groups(model, cfg.weight_decay)
+    settings = {**cfg.engine_config(world_size=1), **(config or {})}
+    return initialize_engine(model=model, optimizer=build_adamw(groups, cfg), config=settings), groups
 
 
 @pytest.fixture

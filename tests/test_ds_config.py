@@ -3,48 +3,48 @@ from pathlib import Path
 
 import pytest
 
-from marjara.train.ds_config import resolve_engine_settings
 from marjara.errors import MarjaraError
-from marjara.train.args import parse_args
+from marjara.train.args import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def settings(tmp_path, config: dict | None, *flags, world=1, gpu=False, moe=False):
-    argv = list(flags)
+    """The TrainConfig of these flags and this JSON, and what deepspeed.initialize receives."""
+    argv = list(flags) + (["--use_moe"] if moe else [])
     if config is not None:
         path = tmp_path / "ds.json"
         path.write_text(json.dumps(config))
         argv += ["--deepspeed_config", str(path)]
-    return resolve_engine_settings(parse_args(argv), world, gpu, moe)
+    cfg = parse_config(argv, has_gpu=gpu)
+    return cfg, cfg.engine_config(world)
 
 
 def test_auto_values_are_filled_from_the_flags(tmp_path):
-    s = settings(tmp_path, {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                            "train_batch_size": "auto", "gradient_clipping": "auto"},
-                 "--batch_size", "3", "--grad_accum", "5", "--grad_clip", "0.5", world=4)
-    c = s.ds_config
+    _, c = settings(tmp_path, {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                               "train_batch_size": "auto", "gradient_clipping": "auto"},
+                    "--batch_size", "3", "--grad_accum", "5", "--grad_clip", "0.5", world=4)
     assert (c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"], c["train_batch_size"],
             c["gradient_clipping"]) == (3, 5, 60, 0.5)
 
 
 def test_a_json_value_wins_over_a_flag_default(tmp_path):
-    s = settings(tmp_path, {"train_micro_batch_size_per_gpu": 7})
-    assert s.micro_batch == 7 and s.ds_config["train_batch_size"] == 7
+    s, c = settings(tmp_path, {"train_micro_batch_size_per_gpu": 7})
+    assert s.batch_size == 7 and c["train_batch_size"] == 7
 
 
 def test_no_config_uses_the_documented_defaults(tmp_path):
-    s = settings(tmp_path, None)
-    assert (s.micro_batch, s.grad_accum, s.zero_stage, s.precision, s.lr) == (8, 1, 0, "fp32", 1e-3)
-    assert s.ds_config["gradient_clipping"] == 1.0
+    s, c = settings(tmp_path, None)
+    assert (s.batch_size, s.grad_accum, s.zero_stage, s.mixed_precision, s.lr) == (8, 1, 0, "fp32", 1e-3)
+    assert c["gradient_clipping"] == 1.0 and c["zero_optimization"] == {"stage": 0}
 
 
 def test_precision_defaults_to_bf16_on_gpu_and_fp32_on_cpu(tmp_path):
-    assert settings(tmp_path, {"bf16": {"enabled": "auto"}}, gpu=True).ds_config["bf16"]["enabled"] is True
-    cpu = settings(tmp_path, {"bf16": {"enabled": "auto"}})
-    assert cpu.precision == "fp32" and cpu.ds_config["bf16"]["enabled"] is False
-    fp16 = settings(tmp_path, {"fp16": {"enabled": "auto", "loss_scale": 0}}, "--mixed_precision", "fp16", gpu=True)
-    assert fp16.ds_config["fp16"] == {"enabled": True, "loss_scale": 0} and fp16.precision == "fp16"
+    assert settings(tmp_path, {"bf16": {"enabled": "auto"}}, gpu=True)[1]["bf16"]["enabled"] is True
+    cpu, c = settings(tmp_path, {"bf16": {"enabled": "auto"}})
+    assert cpu.mixed_precision == "fp32" and c["bf16"]["enabled"] is False
+    fp16, c = settings(tmp_path, {"fp16": {"enabled": "auto", "loss_scale": 0}}, "--mixed_precision", "fp16", gpu=True)
+    assert c["fp16"] == {"enabled": True, "loss_scale": 0} and fp16.mixed_precision == "fp16"
 
 
 @pytest.mark.parametrize("config, flags, message", [
@@ -80,30 +80,32 @@ def test_moe_with_zero3_and_fp16_on_cpu_are_refused_up_front(tmp_path):
 
 
 def test_scheduler_and_optimizer_auto_params_are_filled(tmp_path):
-    s = settings(tmp_path, {"optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}},
-                            "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto",
-                                          "warmup_num_steps": "auto", "cos_min_ratio": "auto"}}},
-                 "--lr", "0.01", "--max_steps", "50", "--warmup_steps", "5", "--weight_decay", "0.2")
-    assert s.ds_config["optimizer"]["params"] == {"lr": 0.01, "weight_decay": 0.2}
-    assert s.ds_config["scheduler"]["params"] == {"total_num_steps": 50, "warmup_num_steps": 5,
-                                                  "cos_min_ratio": pytest.approx(0.1)}
+    s, c = settings(tmp_path, {"optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}},
+                               "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto",
+                                             "warmup_num_steps": "auto", "cos_min_ratio": "auto"}}},
+                    "--lr", "0.01", "--max_steps", "50", "--warmup_steps", "5", "--weight_decay", "0.2")
+    # Missing AdamW parameters are "auto" too: DeepSpeed's own betas would differ from the run's.
+    assert c["optimizer"]["params"] == {"lr": 0.01, "weight_decay": 0.2, "betas": [0.9, 0.95], "eps": 1e-8}
+    assert c["scheduler"]["params"] == {"total_num_steps": 50, "warmup_num_steps": 5, "warmup_min_ratio": 0.0,
+                                        "cos_min_ratio": pytest.approx(0.1)}
     assert s.optimizer_in_json and s.scheduler_in_json
 
 
 def test_tensorboard_block_chooses_the_log_dir(tmp_path):
-    s = settings(tmp_path, {"tensorboard": {"enabled": True, "output_path": "runs", "job_name": "exp1"}})
-    assert s.log_dir == "runs/exp1" and "tensorboard" not in s.ds_config
-    assert settings(tmp_path, None, "--out_dir", "ck").log_dir == "ck/tensorboard"
+    s, c = settings(tmp_path, {"tensorboard": {"enabled": True, "output_path": "runs", "job_name": "exp1"}})
+    assert s.log_dir == "runs/exp1" and "tensorboard" not in c
+    assert settings(tmp_path, None, "--out_dir", "ck")[0].log_dir == "ck/tensorboard"
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "ds_configs").glob("*.json")))
 def test_every_shipped_config_is_valid_and_resolves(name):
     config = json.loads((ROOT / "ds_configs" / name).read_text())
     assert "zero_optimization" in config
-    args = parse_args(["--deepspeed_config", str(ROOT / "ds_configs" / name)])
-    s = resolve_engine_settings(args, world_size=8, has_gpu=True, use_moe=name.startswith("moe"))
-    assert s.precision == "bf16" and s.ds_config["train_batch_size"] == 8 * 8
-    assert AUTO_LEFT(s.ds_config) == []
+    flags = ["--deepspeed_config", str(ROOT / "ds_configs" / name)] + (["--use_moe"] if name.startswith("moe") else [])
+    s = parse_config(flags, has_gpu=True)
+    c = s.engine_config(world_size=8)
+    assert s.mixed_precision == "bf16" and c["train_batch_size"] == 8 * 8
+    assert AUTO_LEFT(c) == []
 
 
 def AUTO_LEFT(node, path=""):

@@ -8,6 +8,7 @@ from marjara.model.config import ModelConfig
 from marjara.distributed import ensure_process_group
 from marjara.train.engine import initialize_engine
 from marjara.model import MarjaraModel
+from marjara.train.config import TrainConfig
 from marjara.train.optim import build_adamw, parameter_groups
 
 STEPS = 4
@@ -30,9 +31,10 @@ def new_engine(stage: int, bf16: bool = False):
     ensure_process_group()
     torch.manual_seed(0)
     model = MarjaraModel(ModelConfig.from_preset("tiny", vocab_size=128))
-    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-              "bf16": {"enabled": bf16}, "zero_optimization": {"stage": stage}}
-    return initialize_engine(model=model, optimizer=build_adamw(parameter_groups(model, 0.1), 1e-3), config=config)
+    cfg = TrainConfig.from_flags({"batch_size": 2, "zero_stage": stage, "mixed_precision": "bf16" if bf16 else "fp32"},
+                                 has_gpu=False)
+    return initialize_engine(model=model, optimizer=build_adamw(parameter_groups(model, cfg.weight_decay), cfg),
+                             config=cfg.engine_config(world_size=1))
 
 
 def train(engine, data) -> list[float]:

@@ -11,7 +11,7 @@ import weakref
 from train_helpers import QUICK, ROOT
 
 from marjara.distributed import ensure_process_group
-from marjara.train.args import parse_args
+from marjara.train.args import parse_config
 
 
 def stop_handlers() -> dict:
@@ -23,7 +23,7 @@ def test_fit_gives_the_signal_handlers_back_and_lets_the_learner_go(tmp_path):
 
     ensure_process_group()
     before = stop_handlers()
-    learner = Learner(parse_args(QUICK + ["--max_steps", "1", "--save_interval", "0",
+    learner = Learner(parse_config(QUICK + ["--max_steps", "1", "--save_interval", "0",
                                           "--out_dir", str(tmp_path / "ckpt"), "--log_dir", str(tmp_path / "tb")]))
     assert learner.fit() == 0
     assert stop_handlers() == before  # Ctrl-C after training behaves as it did before it

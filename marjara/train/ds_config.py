@@ -1,38 +1,39 @@
 """Merge the DeepSpeed JSON with the command line: one source of truth per setting.
 
-The rule: a value written in the JSON wins over a flag's default; `"auto"` (or a missing key) is
-filled from the flag; a flag given explicitly that contradicts a concrete JSON value stops the run
-with an error naming both. Combinations DeepSpeed would refuse deep inside (MoE with ZeRO-3, fp16
-without a GPU) are refused here first, with the fix.
+The rule, for every setting a flag and a JSON key can both express: `"auto"` (or a missing key)
+takes the flag's value, or its default; a concrete JSON value is taken when the flag was not given;
+a flag given explicitly that contradicts a concrete JSON value stops the run with one line naming
+both. Combinations DeepSpeed would refuse deep inside (MoE with ZeRO-3, fp16 without a GPU) are
+refused here first, with the fix.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from marjara.errors import MarjaraError
-from marjara.train.args import JSON_BACKED_DEFAULTS
 
 AUTO = "auto"
 
-
-@dataclass
-class EngineSettings:
-    ds_config: dict            # what deepspeed.initialize receives
-    micro_batch: int
-    grad_accum: int
-    precision: str             # fp32 | bf16 | fp16
-    zero_stage: int
-    lr: float                  # peak learning rate
-    min_lr: float              # end of the cosine
-    optimizer_in_json: bool    # else MARJARA builds torch AdamW
-    scheduler_in_json: bool    # else MARJARA's warmup + cosine
-    log_dir: str
+# Top-level keys, always written: (TrainConfig field, JSON key).
+TOP_LEVEL = (("batch_size", "train_micro_batch_size_per_gpu"), ("grad_accum", "gradient_accumulation_steps"),
+             ("grad_clip", "gradient_clipping"))
+# The optimizer block's parameters: lr is always written; the others when missing too for ADAM_TYPES,
+# since DeepSpeed's own defaults (weight decay 0.01, betas 0.9/0.999) would differ from the run's silently.
+OPTIMIZER = (("lr", "lr"), ("weight_decay", "weight_decay"), ("adam_betas", "betas"), ("adam_eps", "eps"))
+ADAM_TYPES = {"adam", "adamw"}
+# The scheduler block's parameters, written when missing for the schedulers that take them.
+SCHEDULER = (("max_steps", "total_num_steps"), ("warmup_steps", "warmup_num_steps"), ("lr", "warmup_max_lr"))
+SCHEDULER_TAKES = {
+    "WarmupLR": {"warmup_num_steps", "warmup_max_lr", "warmup_min_lr"},
+    "WarmupDecayLR": {"total_num_steps", "warmup_num_steps", "warmup_max_lr", "warmup_min_lr"},
+    "WarmupCosineLR": {"total_num_steps", "warmup_num_steps", "warmup_min_ratio", "cos_min_ratio"},
+}
 
 
 def load_json_config(path: str | None) -> dict:
@@ -50,28 +51,128 @@ def load_json_config(path: str | None) -> dict:
     return config
 
 
-def _explicit(args, name: str) -> bool:
-    return getattr(args, name) is not None
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
 
 
-def _take(config: dict, key: str, args, flag: str, default: Any, source: str) -> Any:
-    """Resolve one setting present both as a JSON key and a flag, and write it back into config."""
-    in_json = config.get(key, AUTO)
-    flag_value = getattr(args, flag)
-    if in_json == AUTO:
-        value = flag_value if flag_value is not None else default
-    else:
-        if flag_value is not None and flag_value != in_json:
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+class _Merge:
+    def __init__(self, values: dict, given: set[str], source: str) -> None:
+        self.values, self.given, self.source = values, given, source
+
+    def link(self, name: str, slots: list[tuple[dict, str, bool]]) -> None:
+        """Resolve setting `name`, which the JSON holds at `slots` (block, key, written when missing)."""
+        concrete = [(key, block[key]) for block, key, _ in slots if block.get(key, AUTO) != AUTO]
+        for key, value in concrete[1:]:
+            if not _same(value, concrete[0][1]):
+                raise MarjaraError(f"\"{concrete[0][0]}\": {json.dumps(concrete[0][1])} and \"{key}\": "
+                                   f"{json.dumps(value)} in {self.source} disagree; make them equal")
+        if concrete:
+            key, value = concrete[0]
+            if name in self.given and not _same(self.values[name], value):
+                raise MarjaraError(
+                    f"--{name} {_shown(self.values[name])} contradicts \"{key}\": {json.dumps(value)} in {self.source}; "
+                    f"drop one of them or set \"{key}\": \"auto\"")
+            self.values[name] = tuple(value) if isinstance(value, list) else value
+        for block, key, when_missing in slots:
+            if block.get(key, AUTO if when_missing else None) == AUTO:
+                value = self.values[name]
+                block[key] = list(value) if isinstance(value, tuple) else value
+
+    def require(self, name: str, ok: bool, what: str) -> None:
+        if not ok:
+            raise MarjaraError(f"{name} must be {what} (got {self.values[name]!r} from {self.source} or the command line)")
+
+
+def merge_json(values: dict, given: set[str], has_gpu: bool) -> dict:
+    """Apply the rule between `values` (TrainConfig's, flags given by name in `given`) and the JSON
+    `values["deepspeed_config"]` names: updates `values` in place and returns the merged JSON."""
+    source = values["deepspeed_config"] or "the built-in DeepSpeed config"
+    config = copy.deepcopy(load_json_config(values["deepspeed_config"]))
+    merge = _Merge(values, given, source)
+
+    for name, key in TOP_LEVEL:
+        merge.link(name, [(config, key, True)])
+    for name in ("batch_size", "grad_accum"):
+        value = values[name]
+        merge.require(name, isinstance(value, int) and not isinstance(value, bool) and value >= 1, "a positive integer")
+    merge.require("grad_clip", isinstance(values["grad_clip"], (int, float)) and values["grad_clip"] >= 0, ">= 0")
+
+    values["mixed_precision"] = _resolve_precision(config, values["mixed_precision"], has_gpu, source)
+    merge.link("zero_stage", [(config.setdefault("zero_optimization", {}), "stage", True)])
+    if values["zero_stage"] not in (0, 1, 2, 3):
+        raise MarjaraError(f"zero_optimization.stage in {source} must be 0, 1, 2 or 3 (got {values['zero_stage']!r})")
+    if values["use_moe"] and values["zero_stage"] == 3:
+        raise MarjaraError(
+            f"--use_moe cannot run with ZeRO stage 3 ({source}): DeepSpeed's MoE layers support ZeRO 0-2; "
+            "use ds_configs/zero2.json")
+
+    _merge_optimizer_and_scheduler(config, merge)
+    values["log_dir"] = _resolve_log_dir(config.pop("tensorboard", None), values, source)
+    config.setdefault("steps_per_print", 10**9)  # MARJARA prints its own progress
+    config.setdefault("wall_clock_breakdown", False)
+    return config
+
+
+def _merge_optimizer_and_scheduler(config: dict, merge: _Merge) -> None:
+    values, source = merge.values, merge.source
+    optimizer = config.get("optimizer")
+    opt_params = optimizer.setdefault("params", {}) if isinstance(optimizer, dict) else None
+    scheduler = config.get("scheduler")
+    sched_params = scheduler.setdefault("params", {}) if isinstance(scheduler, dict) else None
+    takes = SCHEDULER_TAKES.get(scheduler.get("type"), set()) if sched_params is not None else set()
+    adam = opt_params is not None and str(optimizer.get("type", "")).lower() in ADAM_TYPES
+
+    def slots(block, name_key_pairs, name, missing):
+        return [(block, key, missing(key)) for n, key in name_key_pairs if n == name] if block is not None else []
+
+    for name in ("lr", "weight_decay", "adam_betas", "adam_eps", "max_steps", "warmup_steps"):
+        merge.link(name, slots(opt_params, OPTIMIZER, name, lambda key: key == "lr" or adam)
+                   + slots(sched_params, SCHEDULER, name, lambda key: key in takes))
+    lr = values["lr"]
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
+        raise MarjaraError(f"the learning rate must be > 0 (got {lr!r} from {source} or --lr)")
+    merge.require("weight_decay", isinstance(values["weight_decay"], (int, float)) and values["weight_decay"] >= 0, ">= 0")
+    betas = values["adam_betas"]
+    merge.require("adam_betas", isinstance(betas, tuple) and len(betas) == 2
+                  and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas), "two numbers in [0, 1)")
+    merge.require("adam_eps", isinstance(values["adam_eps"], (int, float)) and values["adam_eps"] > 0, "> 0")
+    merge.require("max_steps", isinstance(values["max_steps"], int) and values["max_steps"] >= 1, "an integer >= 1")
+    merge.require("warmup_steps", isinstance(values["warmup_steps"], int) and values["warmup_steps"] >= 0,
+                  "an integer >= 0")
+
+    ratio = sched_params.get("cos_min_ratio", AUTO) if sched_params is not None else AUTO
+    if ratio != AUTO:
+        if not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+            raise MarjaraError(f"\"cos_min_ratio\": {json.dumps(ratio)} in {source} must be in [0, 1]")
+        if values["min_lr"] is not None and "min_lr" in merge.given and not _same(values["min_lr"], ratio * lr):
             raise MarjaraError(
-                f"--{flag} {flag_value} contradicts \"{key}\": {in_json} in {source}; "
-                f"drop one of them or set \"{key}\": \"auto\""
-            )
-        value = in_json
-    config[key] = value
-    return value
+                f"--min_lr {values['min_lr']} contradicts \"cos_min_ratio\": {ratio} in {source} (x lr {lr} = "
+                f"{ratio * lr:g}); drop one of them or set \"cos_min_ratio\": \"auto\"")
+        values["min_lr"] = ratio * lr
+    if values["min_lr"] is None:
+        values["min_lr"] = lr / 10
+    if values["min_lr"] > lr:
+        raise MarjaraError(f"--min_lr {values['min_lr']} exceeds the peak learning rate {lr}; lower --min_lr")
+    if sched_params is not None:
+        derived = {"cos_min_ratio": values["min_lr"] / lr, "warmup_min_lr": 0.0, "warmup_min_ratio": 0.0}
+        for key, value in derived.items():
+            if sched_params.get(key, AUTO if key in takes else None) == AUTO:
+                sched_params[key] = value
+    for what, block in (("optimizer", opt_params), ("scheduler", sched_params)):
+        for key, value in (block or {}).items():
+            if value == AUTO:
+                raise MarjaraError(f"{source}: {what} parameter \"{key}\" is \"auto\" but no flag fills it; set a value")
 
 
-def _resolve_precision(config: dict, args, has_gpu: bool, source: str) -> str:
+def _resolve_precision(config: dict, flag: str | None, has_gpu: bool, source: str) -> str:
     enabled = {name for name in ("bf16", "fp16")
                if isinstance(config.get(name), dict) and config[name].get("enabled") not in (False, AUTO)}
     auto = {name for name in ("bf16", "fp16")
@@ -79,7 +180,6 @@ def _resolve_precision(config: dict, args, has_gpu: bool, source: str) -> str:
     if len(enabled) > 1:
         raise MarjaraError(f"{source} enables both bf16 and fp16; enable one of them")
     json_choice = next(iter(enabled), None)
-    flag = args.mixed_precision
     if json_choice and flag and flag != json_choice:
         raise MarjaraError(
             f"--mixed_precision {flag} contradicts \"{json_choice}\": {{\"enabled\": true}} in {source}; "
@@ -95,76 +195,26 @@ def _resolve_precision(config: dict, args, has_gpu: bool, source: str) -> str:
     return precision
 
 
-def _fill_auto(block: dict, values: dict[str, Any], what: str, source: str) -> None:
-    for key, value in list(block.items()):
-        if value == AUTO:
-            if key not in values:
-                raise MarjaraError(f"{source}: {what} parameter \"{key}\" is \"auto\" but no flag fills it; set a value")
-            block[key] = values[key]
-
-
-def resolve_engine_settings(args, world_size: int, has_gpu: bool, use_moe: bool) -> EngineSettings:
-    source = args.deepspeed_config or "the built-in DeepSpeed config"
-    config = copy.deepcopy(load_json_config(args.deepspeed_config))
-
-    micro = _take(config, "train_micro_batch_size_per_gpu", args, "batch_size", JSON_BACKED_DEFAULTS["batch_size"], source)
-    accum = _take(config, "gradient_accumulation_steps", args, "grad_accum", JSON_BACKED_DEFAULTS["grad_accum"], source)
-    _take(config, "gradient_clipping", args, "grad_clip", JSON_BACKED_DEFAULTS["grad_clip"], source)
-    for name, value in (("batch_size", micro), ("grad_accum", accum)):
-        if not isinstance(value, int) or value < 1:
-            raise MarjaraError(f"{name} must be a positive integer (got {value!r} from {source} or the command line)")
-    global_batch = micro * accum * world_size
-    if config.get("train_batch_size", AUTO) not in (AUTO, global_batch):
-        raise MarjaraError(
-            f"\"train_batch_size\": {config['train_batch_size']} in {source} != micro-batch {micro} x grad_accum "
-            f"{accum} x {world_size} ranks = {global_batch}; set it to \"auto\" or make them agree"
-        )
-    config["train_batch_size"] = global_batch
-
-    precision = _resolve_precision(config, args, has_gpu, source)
-    zero = config.setdefault("zero_optimization", {"stage": 0})
-    stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise MarjaraError(f"zero_optimization.stage in {source} must be 0, 1, 2 or 3 (got {stage!r})")
-    if use_moe and stage == 3:
-        raise MarjaraError(
-            f"--use_moe cannot run with ZeRO stage 3 ({source}): DeepSpeed's MoE layers support ZeRO 0-2; "
-            "use ds_configs/zero2.json"
-        )
-
-    lr = args.lr if args.lr is not None else JSON_BACKED_DEFAULTS["lr"]
-    optimizer_in_json = "optimizer" in config
-    if optimizer_in_json:
-        params = config["optimizer"].setdefault("params", {})
-        params.setdefault("lr", AUTO)
-        lr = _take(params, "lr", args, "lr", JSON_BACKED_DEFAULTS["lr"], source)
-        _fill_auto(params, {"weight_decay": args.weight_decay, "betas": [0.9, 0.95], "eps": 1e-8}, "optimizer", source)
-    if not isinstance(lr, (int, float)) or lr <= 0:
-        raise MarjaraError(f"the learning rate must be > 0 (got {lr!r} from {source} or --lr)")
-    min_lr = args.min_lr if args.min_lr is not None else lr / 10
-    if min_lr > lr:
-        raise MarjaraError(f"--min_lr {min_lr} exceeds the peak learning rate {lr}; lower --min_lr")
-    scheduler_in_json = "scheduler" in config
-    if scheduler_in_json:
-        _fill_auto(config["scheduler"].setdefault("params", {}), {
-            "total_num_steps": args.max_steps, "warmup_num_steps": args.warmup_steps,
-            "warmup_max_lr": lr, "warmup_min_lr": 0.0, "warmup_min_ratio": 0.0,
-            "cos_min_ratio": min_lr / lr}, "scheduler", source)
-
-    log_dir = _resolve_log_dir(config.pop("tensorboard", None), args, source)
-    config.setdefault("steps_per_print", 10**9)  # MARJARA prints its own progress
-    config.setdefault("wall_clock_breakdown", False)
-    return EngineSettings(config, micro, accum, precision, stage, lr, min_lr, optimizer_in_json, scheduler_in_json,
-                          log_dir)
-
-
-def _resolve_log_dir(block: dict | None, args, source: str) -> str:
+def _resolve_log_dir(block: dict | None, values: dict, source: str) -> str:
     """MARJARA writes the tensorboard events itself; the JSON's tensorboard block only says where."""
     json_dir = None
     if isinstance(block, dict) and block.get("enabled", False):
         json_dir = os.path.join(block.get("output_path") or "runs", block.get("job_name") or "")
-    if json_dir and args.log_dir and os.path.normpath(json_dir) != os.path.normpath(args.log_dir):
+    flag = values["log_dir"]
+    if json_dir and flag and os.path.normpath(json_dir) != os.path.normpath(flag):
+        raise MarjaraError(f"--log_dir {flag} contradicts the tensorboard output_path/job_name {json_dir} in {source}; "
+                           "drop one")
+    return flag or json_dir or os.path.join(values["out_dir"], "tensorboard")
+
+
+def with_train_batch_size(ds_json: dict, cfg, world_size: int) -> dict:
+    """A copy of the merged JSON whose train_batch_size is micro-batch x accumulation x ranks."""
+    config = copy.deepcopy(ds_json)
+    source = cfg.deepspeed_config or "the built-in DeepSpeed config"
+    global_batch = cfg.batch_size * cfg.grad_accum * world_size
+    if config.get("train_batch_size", AUTO) not in (AUTO, global_batch):
         raise MarjaraError(
-            f"--log_dir {args.log_dir} contradicts the tensorboard output_path/job_name {json_dir} in {source}; drop one"
-        )
-    return args.log_dir or json_dir or os.path.join(args.out_dir, "tensorboard")
+            f"\"train_batch_size\": {config['train_batch_size']} in {source} != micro-batch {cfg.batch_size} x "
+            f"grad_accum {cfg.grad_accum} x {world_size} ranks = {global_batch}; set it to \"auto\" or make them agree")
+    config["train_batch_size"] = global_batch
+    return config

@@ -7,9 +7,6 @@ import math
 import torch
 from torch import nn
 
-BETAS = (0.9, 0.95)
-
-
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Matrices (linear weights, embeddings) decay; norms' gains and biases do not. MoE expert
     parameters go into groups of their own, as DeepSpeed's ZeRO requires for expert parallelism."""
@@ -28,9 +25,9 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_adamw(groups: list[dict], lr: float) -> torch.optim.Optimizer:
-    fused = torch.cuda.is_available()
-    return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=1e-8, fused=fused)
+def build_adamw(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    """torch's AdamW over `groups` with the lr, betas and eps of `cfg` (a TrainConfig)."""
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=torch.cuda.is_available())
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:

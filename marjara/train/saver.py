@@ -1,0 +1,35 @@
+"""Saving a run: DeepSpeed's checkpoint plus MARJARA's meta (marjara.json) and each rank's RNG and EMA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from marjara.checkpoint import store as ckpt
+
+
+class Saver:
+    def __init__(self, engine, out_dir: str, keep_last: int, run_meta: dict, ema, report, last_saved: int) -> None:
+        """run_meta: what marjara.json records that does not change during the run."""
+        self.engine, self.out_dir, self.keep_last, self.run_meta = engine, out_dir, keep_last, run_meta
+        self.ema, self.report = ema, report
+        self.last_saved = last_saved  # the step of the newest checkpoint of this run (-1: none)
+
+    def save(self, step: int, samples_consumed: int) -> Path:
+        meta = {
+            "step": step,
+            "samples_consumed": samples_consumed,
+            "tokens_seen": samples_consumed * self.run_meta["seq_len"],
+            **self.run_meta,
+            "ema": self.ema.meta() if self.ema else None,
+        }
+        rank_state = {"rng": ckpt.rng_state(), "ema": {}, "ema_shapes": {}}
+        if self.ema is not None:
+            rank_state.update(self.ema.state_dict())
+        tag_dir = ckpt.save(self.engine, self.out_dir, step, meta, rank_state, self.keep_last)
+        self.last_saved = step
+        self.report.print(f"step {step:>6} | saved {tag_dir}")
+        return tag_dir
+
+    def save_unless_saved(self, step: int, samples_consumed: int) -> None:
+        if self.last_saved != step:
+            self.save(step, samples_consumed)
