@@ -11,18 +11,23 @@ Nothing else in marjara/ touches a private name of either library.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from typing import Iterator
 
 import torch
+
+from marjara.errors import MarjaraError
 
 # package -> (lowest tested version, first untested one); pyproject.toml's bounds match.
 TESTED = {"deepspeed": ("0.19.8", "0.20"), "lm-eval": ("0.4.13", "0.4.14")}
 PATCHES = {
     "deepspeed": "ZeRO-3 fp32 masters shared with the partitions, the one-rank ZeRO-0 all-reduce skip, expert "
-                 "process groups for a model run without an engine, the universal-checkpoint optimizer repair",
+                 "process groups for a model run without an engine, the universal-checkpoint optimizer repair, "
+                 "deterministic MoE routing in eval mode",
     "lm-eval": "skipping the built-in task index when every task is local",
 }
 _warned: set[str] = set()
@@ -136,6 +141,43 @@ def repair_universal_optimizer(engine, group_hparams: list[dict]) -> None:
     for state in inner.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
+
+
+# Gate settings that send every token to its top-k experts (see deterministic_moe_gate).
+DETERMINISTIC_GATE = {"drop_tokens": False, "min_capacity": 0, "use_rts": False, "top2_2nd_expert_sampling": False}
+
+
+@contextlib.contextmanager
+def deterministic_moe_gate(moe_layer) -> Iterator[None]:
+    """Within: the deepspeed.moe.layer.MoE `moe_layer` sends every token to its top-k experts, with
+    no capacity limit, no token dropping and no random draw; its gate's own settings come back on
+    exit. DeepSpeed's TopKGate routes an eval-mode forward much like a training one: it passes
+    `top2_2nd_expert_sampling` to top2gating whatever `self.training` is, so top-2 draws its second
+    expert with Gumbel noise in eval too (https://github.com/deepspeedai/DeepSpeed/pull/8620, open);
+    with `drop_tokens` it keeps at most max(ceil(S / E * k * eval_capacity_factor), min_capacity)
+    tokens per expert, so a token's output depends on its batch-mates (and, with `use_rts`, on
+    which ones torch's global generator picks); and top1gating refuses batches of fewer than
+    `min_capacity` tokens. Without dropping, the capacity is the busiest expert's load agreed over
+    the expert-parallel group, so DeepSpeed's all-to-all dispatch works as before at ep_size > 1.
+    The fields came with https://github.com/deepspeedai/DeepSpeed/pull/5156; a gate without one of
+    them is refused in one line rather than given a field it would ignore.
+    Test: tests/test_compat.py (eval routing equals an independent top-k router under any seed)."""
+    version_guard("deepspeed")
+    gate = moe_layer.deepspeed_moe.gate
+    missing = [name for name in DETERMINISTIC_GATE if not hasattr(gate, name)]
+    if missing:
+        raise MarjaraError(
+            f"DeepSpeed {installed_version('deepspeed')}'s MoE gate has no {', '.join(missing)}: MARJARA's "
+            f"deterministic eval routing (marjara/compat.py) needs updating for it; install "
+            f"deepspeed=={TESTED['deepspeed'][0]}")
+    saved = {name: getattr(gate, name) for name in DETERMINISTIC_GATE}
+    for name, value in DETERMINISTIC_GATE.items():
+        setattr(gate, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(gate, name, value)
 
 
 # ---- lm-eval --------------------------------------------------------------------------------

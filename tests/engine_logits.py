@@ -4,8 +4,8 @@
 
 Builds the model the checkpoint's marjara.json describes (expert-parallel as trained), wraps it in
 a DeepSpeed engine, restores the weights with engine.load_checkpoint (DeepSpeed reads its own
-module and per-expert files) and writes, from rank 0, the engine's logits on a fixed batch under
-inference routing: {"idx": (2, 24) tokens, "logits": fp32 logits}.
+module and per-expert files) and writes, from rank 0, the engine's logits on a fixed batch in eval
+mode (deterministic MoE routing): {"idx": (2, 24) tokens, "logits": fp32 logits}.
 """
 
 import json
@@ -21,7 +21,6 @@ import torch.distributed as dist  # noqa: E402
 
 from marjara.model.config import ModelConfig  # noqa: E402
 from marjara.distributed import ensure_process_group, exit_now, shutdown  # noqa: E402
-from marjara.model.ffn import inference_routing  # noqa: E402
 from marjara.model import MarjaraModel  # noqa: E402
 
 FIXED_BATCH_SEED = 7
@@ -44,7 +43,7 @@ def main() -> None:
                            load_lr_scheduler_states=False)
     engine.eval()
     idx = fixed_batch(config.vocab_size)
-    with torch.no_grad(), inference_routing(engine.module):
+    with torch.no_grad():
         logits, _ = engine(idx)
     if dist.get_rank() == 0:
         torch.save({"idx": idx, "logits": logits.float()}, out)

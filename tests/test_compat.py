@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from marjara import compat
 from marjara.distributed import ensure_process_group
+from marjara.errors import MarjaraError
 from marjara.model import MarjaraModel
 from marjara.model.config import ModelConfig
 from train_helpers import ROOT
@@ -140,6 +141,84 @@ def test_a_universal_load_gives_every_group_its_own_weight_decay_and_step(tmp_pa
     assert all(int(s["step"]) == 2 for s in inner.state.values())
     step(resumed, 3)
     assert all(int(s["step"]) == 3 for s in inner.state.values())  # each advanced once, not once per group
+
+
+# Deterministic MoE routing in eval mode.
+
+def moe_layer(top_k: int):
+    ensure_process_group()
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny", vocab_size=128, use_moe=True, num_experts=4, top_k=top_k)
+    return MarjaraModel(config).blocks[1].ffn
+
+
+def reference_top_k(layer, x: torch.Tensor, k: int) -> torch.Tensor:
+    """Every token to its k most probable experts, written from the weights alone: softmax over the
+    gate's logits; top-2 renormalises its two probabilities, top-1 keeps the probability as it is."""
+    gate_weight = layer.moe.deepspeed_moe.gate.wg.weight
+    experts = layer.moe.deepspeed_moe.experts.deepspeed_experts
+    tokens = x.reshape(-1, x.size(-1))
+    probs = F.softmax(tokens.float() @ gate_weight.float().t(), dim=-1)
+    top = probs.topk(k, dim=-1)
+    weights = top.values / top.values.sum(-1, keepdim=True) if k > 1 else top.values
+    out = torch.zeros_like(tokens)
+    for slot in range(k):
+        for expert_index, expert in enumerate(experts):
+            rows = top.indices[:, slot] == expert_index
+            if rows.any():
+                out[rows] += weights[rows, slot, None] * expert(tokens[rows])
+    return out.view_as(x)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_eval_mode_routes_every_token_to_its_top_k_experts_whatever_the_seed(top_k):
+    layer = moe_layer(top_k).eval()
+    # 51 tokens: at eval_capacity_factor 1 DeepSpeed's own eval gate keeps only ceil(51 / 4 * k) per
+    # expert, drops the rest (chosen at random for top-1) and samples top-2's second expert.
+    x = torch.randn(3, 17, 128)
+    expected = reference_top_k(layer, x, top_k)
+    outputs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            outputs.append(layer(x)[0])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    torch.testing.assert_close(outputs[0], expected, rtol=1e-5, atol=1e-6)
+    # DeepSpeed's gate left as it is routes otherwise: without the patch the test above fails.
+    layer.eval_routing = "training"
+    with torch.no_grad():
+        unpatched = layer(x)[0]
+    assert (unpatched - expected).abs().max() > 1e-3
+
+
+def test_the_gate_gets_its_own_settings_back_after_each_eval_forward():
+    layer = moe_layer(2)
+    gate = layer.moe.deepspeed_moe.gate
+    settings = compat.DETERMINISTIC_GATE
+
+    def current():
+        return {name: getattr(gate, name) for name in settings}
+
+    before = current()
+    assert before != settings  # DeepSpeed's defaults: dropping, min capacity, sampling
+    with torch.no_grad():
+        layer.eval()(torch.randn(2, 5, 128))
+    assert current() == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with compat.deterministic_moe_gate(layer.moe):
+            assert current() == settings
+            raise RuntimeError("inside")
+    assert current() == before
+
+
+def test_a_gate_without_a_patched_field_is_refused_in_one_line(monkeypatch):
+    layer = moe_layer(2)
+    gate = layer.moe.deepspeed_moe.gate
+    monkeypatch.delattr(gate, "top2_2nd_expert_sampling")
+    with pytest.raises(MarjaraError, match=r"gate has no top2_2nd_expert_sampling: .*marjara/compat.py"):
+        with compat.deterministic_moe_gate(layer.moe):
+            pass
+    assert not hasattr(gate, "top2_2nd_expert_sampling")  # nothing was set on a gate it refused
 
 
 # ---- lm-eval --------------------------------------------------------------------------------

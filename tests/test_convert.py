@@ -16,7 +16,6 @@ from checkpoint_runs import ROOT, STEPS, checkpoint, engine_logits
 from engine_logits import fixed_batch
 from train_helpers import ema_weights
 from marjara.convert import convert
-from marjara.model.ffn import inference_routing
 from marjara.model import MarjaraModel
 from marjara.model.pretrained import CONFIG_FILE, WEIGHTS_FILE
 
@@ -32,7 +31,7 @@ def zero_to_fp32(ckpt_dir, tag=None) -> dict[str, torch.Tensor]:
 
 
 def logits_of(model, idx):
-    with torch.no_grad(), inference_routing(model):
+    with torch.no_grad():
         return model(idx)[0]
 
 

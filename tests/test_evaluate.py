@@ -13,7 +13,6 @@ import torch
 from marjara.model.config import ModelConfig
 from marjara.errors import MarjaraError
 from marjara.evaluate import main
-from marjara.model.ffn import inference_routing
 from marjara.model import MarjaraModel
 from marjara.checkpoint.export import save_pretrained
 from marjara.data.tokenizer import get_tokenizer
@@ -49,7 +48,7 @@ def exported(tmp_path, name="model", seed=0, **overrides):
 
 def token_logprobs(model, tokens: list[int]) -> torch.Tensor:
     """log p(tokens[i] | tokens[:i]) for i >= 1, from one plain forward pass."""
-    with torch.no_grad(), inference_routing(model):
+    with torch.no_grad():
         logits, _ = model(torch.tensor([tokens]))
     logprobs = torch.log_softmax(logits[0, :-1].float(), dim=-1)
     return logprobs.gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0]

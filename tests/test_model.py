@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from marjara.model.attention import Attention
 from marjara.model.config import ModelConfig
-from marjara.model.ffn import inference_routing
 from marjara.model import MarjaraModel
 from marjara.model.rope import RotaryEmbedding, apply_rotary
 
@@ -56,7 +55,7 @@ def test_loss_is_none_without_targets_and_cross_entropy_with():
 def test_incremental_decoding_with_the_cache_equals_a_full_forward(overrides):
     model = build(**overrides)
     idx = torch.randint(0, VOCAB, (3, 20))
-    with torch.no_grad(), inference_routing(model):
+    with torch.no_grad():
         full, _ = model(idx)
         cache = model.new_cache(batch_size=3, max_len=32)
         # A prefix of 7 tokens, then one token at a time.

@@ -9,7 +9,6 @@ from safetensors.torch import load_file, save_file
 
 from marjara.model.config import ModelConfig
 from marjara.errors import MarjaraError
-from marjara.model.ffn import inference_routing
 from marjara.model import MarjaraModel
 from marjara.checkpoint.export import save_pretrained
 from marjara.model.pretrained import CONFIG_FILE, WEIGHTS_FILE
@@ -28,7 +27,7 @@ def build(seed=0, **overrides) -> MarjaraModel:
 
 
 def logits_of(model, idx):
-    with torch.no_grad(), inference_routing(model):
+    with torch.no_grad():
         return model(idx)[0]
 
 

@@ -12,7 +12,6 @@ import torch
 from marjara.checkpoint.format import LATEST, is_checkpoint_dir, is_tag_dir, open_checkpoint
 from marjara.distributed import ensure_process_group
 from marjara.errors import MarjaraError
-from marjara.model.ffn import inference_routing
 from marjara.model import MarjaraModel
 from marjara.model.pretrained import is_pretrained_dir, read_export_config
 from marjara.data.tokenizer import Tokenizer, get_tokenizer
@@ -65,6 +64,6 @@ def load_for_inference(path: str | os.PathLike, tag: str | None = None, ema: boo
             tokenizer_name = read_export_config(folder)["tokenizer"]
             model = MarjaraModel.from_pretrained(folder, device=device, dtype=dtype)
         if model.config.use_moe:
-            with torch.no_grad(), inference_routing(model):
+            with torch.no_grad():
                 model(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
     return model, get_tokenizer(tokenizer_name)

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marjara.compat import ensure_expert_group
+from marjara.compat import deterministic_moe_gate, ensure_expert_group
+from marjara.errors import MarjaraError
 from marjara.model.config import ModelConfig
 
 
@@ -26,6 +27,12 @@ class SwiGLU(nn.Module):
 
 class MoEFeedForward(nn.Module):
     """SwiGLU experts behind DeepSpeed's gate; forward returns (output, aux_loss, expert_counts).
+
+    In training mode the gate is DeepSpeed's as configured (capacity, token dropping, second-expert
+    sampling). In eval mode every token goes to its top-k experts, with no capacity limit, no noise
+    and no random draw, so a token's output depends on nothing but its own hidden state: validation
+    is reproducible and equals cached generation and the exported model. `eval_routing =
+    "training"` (see moe_eval_routing) keeps DeepSpeed's gate in eval mode too.
 
     expert_counts holds, per expert of the whole layer, how many tokens of this rank's batch the
     gate sent to it (top-k: each token counts k times).
@@ -47,30 +54,32 @@ class MoEFeedForward(nn.Module):
             use_residual=config.use_residual,
             drop_tokens=config.drop_tokens,
         )
+        self.eval_routing = "deterministic"
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ensure_expert_group(self.moe)  # an engine gives it one; a model run without an engine has none
-        return self.moe(x)
+        if self.training or self.eval_routing == "training":
+            return self.moe(x)
+        with deterministic_moe_gate(self.moe):
+            return self.moe(x)
+
+
+EVAL_ROUTINGS = ("deterministic", "training")
 
 
 @contextlib.contextmanager
-def inference_routing(model: nn.Module) -> Iterator[None]:
-    """Route every token to its top-k experts without capacity limits, noise or random selection.
-
-    Capacity-based token dropping makes a token's output depend on the other tokens in the batch
-    (and DeepSpeed's gate refuses fewer tokens than min_capacity), so cached decoding, batched
-    generation and evaluation would not match a full forward pass. Restores the settings on exit.
-    """
-    from deepspeed.moe.sharded_moe import TopKGate
-
-    gates = [m for m in model.modules() if isinstance(m, TopKGate)]
-    fields = ("drop_tokens", "min_capacity", "use_rts", "top2_2nd_expert_sampling")
-    saved = [{f: getattr(g, f) for f in fields} for g in gates]
-    for gate in gates:
-        gate.drop_tokens, gate.min_capacity, gate.use_rts, gate.top2_2nd_expert_sampling = False, 0, False, False
+def moe_eval_routing(model: nn.Module, routing: str) -> Iterator[None]:
+    """Within: MoE layers of `model` in eval mode route "deterministic" (every token to its top-k
+    experts; the default) or "training" (DeepSpeed's gate as in training, at eval_capacity_factor:
+    tokens over capacity are dropped and top-2 samples its second expert), e.g. to measure dropping."""
+    if routing not in EVAL_ROUTINGS:
+        raise MarjaraError(f"unknown MoE eval routing {routing!r}; choose one of {', '.join(EVAL_ROUTINGS)}")
+    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    saved = [layer.eval_routing for layer in layers]
+    for layer in layers:
+        layer.eval_routing = routing
     try:
         yield
     finally:
-        for gate, values in zip(gates, saved):
-            for name, value in values.items():
-                setattr(gate, name, value)
+        for layer, value in zip(layers, saved):
+            layer.eval_routing = value

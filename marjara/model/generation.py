@@ -7,7 +7,6 @@ from typing import Callable
 import torch
 
 from marjara.errors import MarjaraError
-from marjara.model.ffn import inference_routing
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -91,31 +90,30 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     outputs: list[list[int]] = [[] for _ in prompts]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     try:
-        with inference_routing(model):
-            # Prefill right-padded prompts; each row's next token comes from its own last position.
-            hidden = model.hidden_states(tokens, positions, cache)
-            last = hidden[torch.arange(batch, device=device), lengths - 1]
-            for step in range(max_new_tokens):
-                logits = head(last).float()
-                next_tokens = _choose(logits, temperature, top_k, top_p, generator)
-                if eos_token_id is not None:
-                    newly_done = next_tokens == eos_token_id
-                else:
-                    newly_done = torch.zeros_like(finished)
-                emitted = []
-                for row in range(batch):
-                    keep = not finished[row] and not newly_done[row]
-                    if keep:
-                        outputs[row].append(int(next_tokens[row]))
-                    emitted.append(int(next_tokens[row]) if keep else None)
-                finished |= newly_done
-                if on_tokens is not None:
-                    on_tokens(emitted)
-                if bool(finished.all()) or step == max_new_tokens - 1:
-                    break
-                hidden = model.hidden_states(next_tokens[:, None], lengths[:, None], cache)
-                last = hidden[:, -1]
-                lengths = lengths + 1
+        # Prefill right-padded prompts; each row's next token comes from its own last position.
+        hidden = model.hidden_states(tokens, positions, cache)
+        last = hidden[torch.arange(batch, device=device), lengths - 1]
+        for step in range(max_new_tokens):
+            logits = head(last).float()
+            next_tokens = _choose(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                newly_done = next_tokens == eos_token_id
+            else:
+                newly_done = torch.zeros_like(finished)
+            emitted = []
+            for row in range(batch):
+                keep = not finished[row] and not newly_done[row]
+                if keep:
+                    outputs[row].append(int(next_tokens[row]))
+                emitted.append(int(next_tokens[row]) if keep else None)
+            finished |= newly_done
+            if on_tokens is not None:
+                on_tokens(emitted)
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            hidden = model.hidden_states(next_tokens[:, None], lengths[:, None], cache)
+            last = hidden[:, -1]
+            lengths = lengths + 1
     finally:
         model.train(was_training)
     return outputs
