@@ -22,7 +22,9 @@ RUNS = {
     # Saves every step: global_step1 and global_step2 (latest), for --tag tests.
     "zero2": ["--deepspeed_config", "ds_configs/zero2.json", "--save_interval", "1"],
     "zero3": ["--deepspeed_config", "ds_configs/zero3.json"],
-    "moe_ep2": ["--deepspeed_config", "ds_configs/moe_zero2.json", *MOE],
+    # Validates at its last step too (tests/test_moe_validation.py).
+    "moe_ep2": ["--deepspeed_config", "ds_configs/moe_zero2.json", *MOE, "--eval_interval", str(STEPS),
+                "--eval_batches", "2"],
     "moe_ep2_bf16": ["--deepspeed_config", "ds_configs/moe_zero2.json", *MOE, "--mixed_precision", "bf16"],
 }
 COMMON = ["--model_size", "tiny", "--max_steps", str(STEPS), "--save_interval", str(STEPS), "--batch_size", "2",

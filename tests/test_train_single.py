@@ -1,6 +1,7 @@
 """train.py as one plain process: exact resume, preemption, checkpoints, logs, bad input."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -161,6 +162,17 @@ def test_bad_flags_stop_with_one_clear_line(tmp_path, args, message):
     assert not (tmp_path / "o" / "latest").exists()
 
 
+def test_an_unknown_moe_eval_routing_is_refused_with_the_choices(tmp_path):
+    result = subprocess.run([sys.executable, TRAIN, *QUICK, "--out_dir", str(tmp_path / "o"), "--use_moe",
+                             "--moe_eval_routing", "noisy"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    # (Python 3.12 stopped quoting the choices.)
+    assert re.search(r"--moe_eval_routing: invalid choice: 'noisy' \(choose from '?deterministic'?, '?training'?\)",
+                     last), last
+    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+
+
 def test_compile_with_moe_says_so_once_and_trains_uncompiled(tmp_path):
     result = run_train(QUICK + ["--max_steps", "2", "--batch_size", "2", "--use_moe", "--compile",
                                 "--out_dir", str(tmp_path)])
@@ -190,5 +202,5 @@ def test_help_documents_every_flag():
                  "--max_steps", "--lr", "--min_lr", "--warmup_steps", "--weight_decay", "--batch_size",
                  "--grad_accum", "--seq_len", "--eval_interval", "--save_interval", "--keep_last", "--out_dir",
                  "--seed", "--log_interval", "--tokenizer", "--grad_checkpointing", "--ema_decay", "--log_dir",
-                 "--deepspeed_config"]:
+                 "--deepspeed_config", "--moe_eval_routing"]:
         assert flag in result.stdout, flag

@@ -13,6 +13,7 @@ from typing import Any
 
 from marjara.errors import MarjaraError
 from marjara.model.config import PRESETS, ModelConfig
+from marjara.model.ffn import EVAL_ROUTINGS
 
 _MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
@@ -47,7 +48,12 @@ class TrainConfig:
     ep_size: int = model_setting("ep_size", "expert-parallel ranks (must divide the world size)")
     capacity_factor: float = model_setting("capacity_factor", "expert capacity in training, as a multiple of "
                                            "the tokens per expert under perfect balance")
-    eval_capacity_factor: float = model_setting("eval_capacity_factor", "expert capacity in evaluation")
+    eval_capacity_factor: float = model_setting("eval_capacity_factor", "expert capacity in validation with "
+                                                "--moe_eval_routing training")
+    moe_eval_routing: str = setting("deterministic", "MoE routing in validation: 'deterministic' sends every token to "
+                                    "its top-k experts; 'training' keeps DeepSpeed's training-time gate (capacity, "
+                                    "token dropping, top-2 sampling), e.g. to measure dropping", group="model",
+                                    choices=list(EVAL_ROUTINGS))
     min_capacity: int = model_setting("min_capacity", "the least tokens an expert accepts per batch")
     moe_layer_freq: int = model_setting("moe_layer_freq", "every Nth layer is MoE (the last of each N)")
     use_residual: bool = model_setting("use_residual", "PR-MoE: a dense MLP beside the experts")
@@ -179,5 +185,8 @@ def _check(values: dict, given: dict) -> None:
         problems.append(f"--adam_betas must both be in [0, 1) (got {' '.join(map(str, values['adam_betas']))})")
     if values["adam_eps"] <= 0:
         problems.append(f"--adam_eps must be > 0 (got {values['adam_eps']})")
+    if values["moe_eval_routing"] not in EVAL_ROUTINGS:
+        problems.append(f"--moe_eval_routing must be one of {', '.join(EVAL_ROUTINGS)} "
+                        f"(got {values['moe_eval_routing']!r})")
     if problems:
         raise MarjaraError("; ".join(problems))

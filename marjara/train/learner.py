@@ -58,7 +58,7 @@ class Learner:
         if cfg.compile:
             compile_model(self.engine, self.config, self.report)
 
-        self.evaluator = Evaluator(self.engine, val_batches, self.world, self.ema, self.report)
+        self.evaluator = Evaluator(self.engine, val_batches, self.world, self.ema, self.report, cfg.moe_eval_routing)
         run_meta = {"seq_len": cfg.seq_len, "model_config": self.config.to_dict(), "tokenizer": self.data.tokenizer_name,
                     "zero_stage": cfg.zero_stage, "world_size": self.world, "dtype": cfg.mixed_precision,
                     "train_args": cfg.plain_values()}
