@@ -38,6 +38,7 @@ from marjara.train.engine import initialize_engine  # noqa: E402
 from marjara.train.metrics import device_peak_tflops  # noqa: E402
 from marjara.model import MarjaraModel  # noqa: E402
 from marjara.train.optim import build_adamw, parameter_groups  # noqa: E402
+from marjara.planner.measure import model_state_bytes  # noqa: E402
 
 
 def train_config(stage: int, batch: int, precision: str, grad_accum: int = 1) -> TrainConfig:
@@ -112,39 +113,6 @@ def time_engine(args, stage: int) -> float:
             engine.step()
 
     return tokens_per_sec(step, optimizer_steps(engine.module.config, args, engine.device))
-
-
-def model_state_bytes(engine) -> int:
-    """Bytes of parameters and optimizer state (fp32 masters, Adam moments) this rank holds: the
-    union of the memory those tensors view, so that views of one buffer count once."""
-    spans: dict[int, list[tuple[int, int]]] = {}  # storage address -> [start, end) byte ranges
-
-    def add(t):
-        if torch.is_tensor(t) and t.numel():
-            start = t.storage_offset() * t.element_size()
-            spans.setdefault(t.untyped_storage().data_ptr(), []).append((start, start + t.numel() * t.element_size()))
-
-    for p in engine.module.parameters():
-        if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's shard, and the whole of a persistent parameter
-            add(p.ds_tensor)
-            if getattr(p, "ds_persist", False):
-                add(p.data)
-        else:
-            add(p)
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    # The optimizer's state is keyed by the tensors it updates (the fp32 masters, or the flat
-    # partitions ZeRO hands it; ZeRO-3 empties param_groups between steps).
-    for master, state in inner.state.items():
-        add(master)
-        for value in state.values():
-            add(value)
-    total = 0
-    for ranges in spans.values():
-        covered = 0  # bytes of this storage already counted, up to this offset
-        for start, end in sorted(ranges):
-            total += max(0, end - max(start, covered))
-            covered = max(covered, end)
-    return total
 
 
 def memory_worker(args) -> None:

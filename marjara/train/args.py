@@ -75,9 +75,19 @@ def _document_deepspeed_flags(parser: argparse.ArgumentParser) -> None:
 def parse_config(argv: list[str] | None = None, has_gpu: bool | None = None) -> TrainConfig:
     """train.py's flags (sys.argv when argv is None) and the JSON they name -> the run's TrainConfig
     (has_gpu: whether the run has a GPU, which picks the default precision; None: ask torch)."""
-    given = vars(build_parser().parse_args(argv))
-    for name in LAUNCHER_FLAGS + ("deepscale",):
-        given.pop(name, None)
+    return config_from_given(vars(build_parser().parse_args(argv)), has_gpu)
+
+
+def config_from_given(given: dict[str, Any], has_gpu: bool | None = None) -> TrainConfig:
+    """The TrainConfig of the flags a parser built on build_parser() holds (name -> value, only
+    those given; the launchers' own flags are dropped). python -m marjara.plan resolves a training
+    command line through this too."""
+    given = {name: value for name, value in given.items() if name not in LAUNCHER_FLAGS + ("deepscale",)}
     if "deepscale_config" in given:
         raise MarjaraError("--deepscale_config is DeepSpeed's deprecated name; use --deepspeed_config")
     return TrainConfig.from_flags(given, has_gpu)
+
+
+def train_flag_names() -> set[str]:
+    """The destinations of every flag build_parser() adds (MARJARA's, the launchers', DeepSpeed's)."""
+    return {action.dest for action in build_parser()._actions if action.dest != "help"}

@@ -8,6 +8,7 @@ tests take a TrainConfig, never an argparse Namespace. train.py's --help is gene
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,7 +179,7 @@ def _check(values: dict, given: dict) -> None:
         problems.append(f"--lr must be > 0 (got {values['lr']})")
     if values["min_lr"] is not None and values["min_lr"] < 0:
         problems.append(f"--min_lr must be >= 0 (got {values['min_lr']})")
-    if values["peak_tflops"] is not None and values["peak_tflops"] <= 0:
+    if values["peak_tflops"] is not None and not 0 < values["peak_tflops"] < math.inf:  # nan too
         problems.append(f"--peak_tflops must be > 0 (got {values['peak_tflops']}); leave it out to use the known "
                         "or measured peak")
     if not all(0.0 <= b < 1.0 for b in values["adam_betas"]):
