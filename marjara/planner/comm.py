@@ -24,8 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from marjara.planner.activations import expert_slots_per_token
+from marjara.planner.model_states import persistent_numels
 from marjara.planner.setup import Setup
-from marjara.planner.shapes import param_counts, parameter_numels
+from marjara.planner.shapes import param_counts
 
 GB = 1e9
 
@@ -75,10 +76,7 @@ def _zero_traffic(setup: Setup, numel: float, ranks: int, accum: int, persistent
 def step_traffic(setup: Setup, micro_batch: int, accum: int) -> Traffic:
     c = setup.model
     counts = param_counts(c)
-    threshold = setup.zero["stage3_param_persistence_threshold"]
-    numels = parameter_numels(c)
-    persistent_dense = sum(n for n, expert in numels if not expert and n < threshold)
-    persistent_expert = sum(n for n, expert in numels if expert and n < threshold) / setup.ep_size
+    persistent_dense, persistent_expert = persistent_numels(setup)
     traffic = Traffic()
     _zero_traffic(setup, counts.non_expert, setup.world, accum, persistent_dense, traffic)
     if counts.expert:

@@ -83,14 +83,19 @@ def shard_states(setup: Setup, numel: float, replicas: int, persistent: float = 
     return st
 
 
+def persistent_numels(setup: Setup) -> tuple[int, float]:
+    """Elements of the parameters ZeRO-3 keeps whole on every rank (those under
+    stage3_param_persistence_threshold): non-expert ones, and this rank's share of the experts'."""
+    threshold = setup.zero["stage3_param_persistence_threshold"]
+    numels = parameter_numels(setup.model)
+    dense = sum(n for n, expert in numels if not expert and n < threshold)
+    return dense, sum(n for n, expert in numels if expert and n < threshold) / setup.ep_size
+
+
 def model_states(setup: Setup) -> ModelStates:
     """This GPU's model states: non-expert parameters over all ranks, experts over world / ep_size."""
-    c = setup.model
-    counts = param_counts(c)
-    threshold = setup.zero["stage3_param_persistence_threshold"]
-    numels = parameter_numels(c)
-    persistent_dense = sum(n for n, expert in numels if not expert and n < threshold)
-    persistent_expert = sum(n for n, expert in numels if expert and n < threshold) / setup.ep_size
+    counts = param_counts(setup.model)
+    persistent_dense, persistent_expert = persistent_numels(setup)
     states = shard_states(setup, counts.non_expert, setup.world, persistent_dense)
     if counts.expert:
         states = states + shard_states(setup, counts.expert / setup.ep_size, setup.world // setup.ep_size,
@@ -105,6 +110,4 @@ def expert_states(setup: Setup) -> ModelStates:
     counts = param_counts(setup.model)
     if not counts.expert:
         return ModelStates()
-    numels = parameter_numels(setup.model)
-    persistent = sum(n for n, expert in numels if expert and n < setup.zero["stage3_param_persistence_threshold"])
-    return shard_states(setup, counts.expert / setup.ep_size, setup.world // setup.ep_size, persistent / setup.ep_size)
+    return shard_states(setup, counts.expert / setup.ep_size, setup.world // setup.ep_size, persistent_numels(setup)[1])
