@@ -145,13 +145,39 @@ def test_bin_size_not_a_multiple_of_dtype(tmp_path):
     one_line(info)
 
 
-def test_token_ids_beyond_vocab_found_in_a_later_chunk(tmp_path, monkeypatch):
-    monkeypatch.setattr(formats, "CHECK_CHUNK", 64)  # force a chunked scan over a small file
-    tokens = np.arange(1000) % 257
-    tokens[700] = 300
-    write_bin(tmp_path / "train.bin", tokens, meta=meta_for())
-    with pytest.raises(MarjaraError, match="token id 300 at position 700 is not below the tokenizer's vocab size 257"):
+def test_recorded_max_token_id_is_checked_without_reading_the_tokens(tmp_path, monkeypatch):
+    def no_scan(*args):
+        raise AssertionError("the tokens were read")
+
+    monkeypatch.setattr(formats, "check_token_sample", no_scan)
+    write_bin(tmp_path / "train.bin", np.arange(1000) % 257, meta=meta_for(max_token_id=256))
+    write_bin(tmp_path / "val.bin", np.arange(100) % 257)
+    assert open_data(str(tmp_path), 8).train.n_tokens == 1000
+    write_bin(tmp_path / "train.bin", np.arange(1000) % 257, meta=meta_for(max_token_id=300))
+    with pytest.raises(MarjaraError, match="train.bin: its meta records token id 300, not below the tokenizer's "
+                                           "vocab size 257") as info:
         open_data(str(tmp_path), 8)
+    one_line(info)
+
+
+def test_without_max_token_id_a_sample_is_checked_then_every_batch(tmp_path, monkeypatch):
+    # 1000 tokens, 4 blocks of 64 sampled at 0, 312, 624 and 936: position 650 is in a sample,
+    # position 700 is not and is caught when its window is read.
+    monkeypatch.setattr(formats, "SAMPLE_BLOCK", 64)
+    monkeypatch.setattr(formats, "SAMPLE_BLOCKS", 4)
+    tokens = np.arange(1000) % 257
+    tokens[650] = 300
+    write_bin(tmp_path / "train.bin", tokens, meta=meta_for())
+    with pytest.raises(MarjaraError, match="token id 300 at position 650 is not below the tokenizer's vocab size 257"):
+        open_data(str(tmp_path), 8)
+    tokens[650], tokens[700] = 0, 301
+    write_bin(tmp_path / "train.bin", tokens, meta=meta_for())
+    src = open_data(str(tmp_path), 8)
+    src.train.windows([0, 1, 86])
+    with pytest.raises(MarjaraError, match=r"train.bin \(train windows\): token id 301 at position 700 is not below") \
+            as info:
+        src.train.windows([3, 87])  # window 87 holds tokens 696..704
+    one_line(info)
 
 
 def test_val_bin_ids_are_checked_too(tmp_path):

@@ -13,9 +13,13 @@ from marjara.data.tokenizer import Tokenizer, token_dtype_name
 
 
 class TokenDataset:
-    """Windows over a 1-D token array (in memory or a numpy.memmap slice)."""
+    """Windows over a 1-D token array (in memory or a numpy.memmap slice).
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, name: str) -> None:
+    With vocab_size set, every window read is checked to hold only ids below it (one max over the
+    batch): a file opened without a full scan still never feeds an out-of-range id to the model.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, name: str, vocab_size: int | None = None) -> None:
         if seq_len < 1:
             raise MarjaraError(f"seq_len must be >= 1 (got {seq_len})")
         if len(tokens) < seq_len + 1:
@@ -26,6 +30,7 @@ class TokenDataset:
         self.tokens = tokens
         self.seq_len = seq_len
         self.name = name
+        self.vocab_size = vocab_size
 
     @property
     def n_tokens(self) -> int:
@@ -40,14 +45,31 @@ class TokenDataset:
         if not 0 <= i < len(self):
             raise IndexError(f"window {i} out of range for {self.name} ({len(self)} windows)")
         start = i * self.seq_len
-        return np.array(self.tokens[start : start + self.seq_len + 1], dtype=np.int64)
+        window = np.array(self.tokens[start : start + self.seq_len + 1], dtype=np.int64)
+        self._check_ids(window[None], [i])
+        return window
 
     def windows(self, indices) -> np.ndarray:
         """(len(indices), seq_len + 1) int64 array of the given windows."""
         out = np.empty((len(indices), self.seq_len + 1), dtype=np.int64)
         for row, i in enumerate(indices):
-            out[row] = self.window(i)
+            i = int(i)
+            if not 0 <= i < len(self):
+                raise IndexError(f"window {i} out of range for {self.name} ({len(self)} windows)")
+            start = i * self.seq_len
+            out[row] = self.tokens[start : start + self.seq_len + 1]
+        self._check_ids(out, indices)
         return out
+
+    def _check_ids(self, windows: np.ndarray, indices) -> None:
+        if self.vocab_size is None or windows.size == 0 or int(windows.max()) < self.vocab_size:
+            return
+        row, column = np.argwhere(windows >= self.vocab_size)[0]
+        position = int(indices[row]) * self.seq_len + int(column)
+        raise MarjaraError(
+            f"{self.name}: token id {int(windows[row, column])} at position {position} is not below the "
+            f"tokenizer's vocab size {self.vocab_size}; the file was made with another tokenizer or dtype"
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, n_tokens={self.n_tokens}, windows={len(self)})"
@@ -56,8 +78,9 @@ class TokenDataset:
 class MMapSliceDataset(TokenDataset):
     """tokens[start:stop] of a .bin read through numpy.memmap: nothing is loaded until a window is."""
 
-    def __init__(self, tokens: np.memmap, seq_len: int, name: str, start: int = 0, stop: int | None = None):
-        super().__init__(tokens[start:stop], seq_len, name)
+    def __init__(self, tokens: np.memmap, seq_len: int, name: str, start: int = 0, stop: int | None = None,
+                 vocab_size: int | None = None):
+        super().__init__(tokens[start:stop], seq_len, name, vocab_size)
 
 
 class TextDataset(TokenDataset):

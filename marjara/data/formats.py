@@ -18,8 +18,11 @@ FORMAT_VERSION = 1
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 RAW_BIN_TOKENIZER = "gpt2"
 RAW_BIN_DTYPE = "uint16"
-# Tokens checked per read when scanning a file for out-of-vocabulary ids (64 MiB of uint32).
-CHECK_CHUNK = 1 << 24
+# A file whose meta records no max_token_id (nanoGPT's raw files, older metas) is checked at open on
+# SAMPLE_BLOCKS evenly spaced blocks of SAMPLE_BLOCK tokens (the whole file when it is that small):
+# enough to catch a wrong dtype or tokenizer, at a cost that does not grow with the file.
+SAMPLE_BLOCKS = 64
+SAMPLE_BLOCK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,30 @@ def expected_token_count(info: TokenFileInfo, bin_path: Path) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def open_token_file(bin_path: Path, dtype: str, vocab_size: int, expected_tokens: int | None = None) -> np.memmap:
-    """Memory-map a .bin after checking its size and that every id is < vocab_size (chunked scan)."""
+def recorded_max_token_id(info: TokenFileInfo, bin_path: Path) -> int | None:
+    """The largest token id the meta records for this file (written by python -m marjara.prepare)."""
+    if info.meta is None:
+        return None
+    if info.meta_path.name == "meta.json":  # a prepared folder's: it describes its train.bin and val.bin
+        own = bin_path.name in ("train.bin", "val.bin")
+    else:
+        own = info.meta_path.name == bin_path.stem + ".meta.json"
+    value = info.meta.get("max_token_id") if own else None
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise MarjaraError(f"{info.meta_path}: max_token_id {value!r} is not a non-negative integer; "
+                           "re-run python -m marjara.prepare")
+    return value
+
+
+def open_token_file(bin_path: Path, dtype: str, vocab_size: int, expected_tokens: int | None = None,
+                    max_token_id: int | None = None) -> np.memmap:
+    """Memory-map a .bin after checking its size and its token ids against vocab_size.
+
+    The ids are checked without reading the file when the meta records max_token_id (prepare
+    does), else on a sample of blocks; every batch is checked again as it is read (datasets.py).
+    """
     if not bin_path.is_file():
         raise MarjaraError(f"{bin_path}: no such file")
     size = bin_path.stat().st_size
@@ -101,17 +126,28 @@ def open_token_file(bin_path: Path, dtype: str, vocab_size: int, expected_tokens
             f"{bin_path}: holds {n_tokens} tokens but its meta records {expected_tokens}; "
             "the file was truncated or replaced, re-run python -m marjara.prepare"
         )
+    if max_token_id is not None and max_token_id >= vocab_size:
+        raise MarjaraError(
+            f"{bin_path}: its meta records token id {max_token_id}, not below the tokenizer's vocab size "
+            f"{vocab_size}; the file was made with another tokenizer"
+        )
     tokens = np.memmap(bin_path, dtype=DTYPES[dtype], mode="r")
-    check_token_ids(tokens, vocab_size, str(bin_path))
+    if max_token_id is None:
+        check_token_sample(tokens, vocab_size, str(bin_path))
     return tokens
 
 
-def check_token_ids(tokens: np.ndarray, vocab_size: int, name: str) -> None:
-    """MarjaraError at the first id >= vocab_size; reads CHECK_CHUNK tokens at a time."""
-    for start in range(0, len(tokens), CHECK_CHUNK):
-        chunk = np.asarray(tokens[start : start + CHECK_CHUNK])
-        if int(chunk.max()) >= vocab_size:
-            offset = start + int(np.argmax(chunk >= vocab_size))
+def check_token_sample(tokens: np.ndarray, vocab_size: int, name: str) -> None:
+    """MarjaraError at the first id >= vocab_size in SAMPLE_BLOCKS evenly spaced blocks."""
+    n = len(tokens)
+    if n <= SAMPLE_BLOCKS * SAMPLE_BLOCK:
+        starts = range(0, n, SAMPLE_BLOCK)
+    else:
+        starts = (i * (n - SAMPLE_BLOCK) // (SAMPLE_BLOCKS - 1) for i in range(SAMPLE_BLOCKS))
+    for start in starts:
+        block = np.asarray(tokens[start : start + SAMPLE_BLOCK])
+        if int(block.max()) >= vocab_size:
+            offset = start + int(np.argmax(block >= vocab_size))
             raise MarjaraError(
                 f"{name}: token id {int(tokens[offset])} at position {offset} is not below the tokenizer's "
                 f"vocab size {vocab_size}; the file was made with another tokenizer or dtype"
@@ -119,7 +155,7 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, name: str) -> None:
 
 
 def build_meta(*, dtype: str, tokenizer: str, vocab_size: int, eot_id: int, train_tokens: int,
-               val_tokens: int, documents: int, val_fraction: float) -> dict:
+               val_tokens: int, documents: int, val_fraction: float, max_token_id: int) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "dtype": dtype,
@@ -130,4 +166,5 @@ def build_meta(*, dtype: str, tokenizer: str, vocab_size: int, eot_id: int, trai
         "val_tokens": val_tokens,
         "documents": documents,
         "val_fraction": val_fraction,
+        "max_token_id": max_token_id,  # of train.bin and val.bin: opening checks ids without a scan
     }

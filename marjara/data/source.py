@@ -18,7 +18,7 @@ import numpy as np
 from marjara.data.corpus import DEFAULT_CORPUS_NAME, DEFAULT_CORPUS_TOKENIZER, default_corpus_documents
 from marjara.data.datasets import MMapSliceDataset, TextDataset, TokenDataset, tokenize_documents
 from marjara.data.documents import read_text_file
-from marjara.data.formats import expected_token_count, open_token_file, token_file_info
+from marjara.data.formats import expected_token_count, open_token_file, recorded_max_token_id, token_file_info
 from marjara.errors import MarjaraError
 from marjara.data.tokenizer import Tokenizer, get_tokenizer, token_dtype_name
 
@@ -108,14 +108,16 @@ def _open_bin(bin_path: Path, seq_len: int, tokenizer: str | None) -> DataSource
                 f"{bin_path} has no meta, so it is read as {info.dtype}, which cannot hold tokenizer "
                 f"{tokenizer_name!r} ({vocab_size} tokens); write it with python -m marjara.prepare"
             )
-    tokens = open_token_file(bin_path, info.dtype, vocab_size, expected_token_count(info, bin_path))
+    tokens = open_token_file(bin_path, info.dtype, vocab_size, expected_token_count(info, bin_path),
+                             recorded_max_token_id(info, bin_path))
 
     val_path = bin_path.with_name("val.bin")
     if val_path.is_file() and val_path != bin_path:
-        train = MMapSliceDataset(tokens, seq_len, str(bin_path))
-        val = MMapSliceDataset(_open_val(val_path, info, tokenizer_name, vocab_size), seq_len, str(val_path))
+        train = MMapSliceDataset(tokens, seq_len, str(bin_path), vocab_size=vocab_size)
+        val = MMapSliceDataset(_open_val(val_path, info, tokenizer_name, vocab_size), seq_len, str(val_path),
+                               vocab_size=vocab_size)
     else:
-        train, val = _split_windows(tokens, seq_len, bin_path)
+        train, val = _split_windows(tokens, seq_len, bin_path, vocab_size)
     return DataSource(train, val, tokenizer_name, vocab_size, described, info.meta, tok)
 
 
@@ -129,10 +131,12 @@ def _open_val(val_path: Path, train_info, tokenizer_name: str, vocab_size: int) 
             f"{info.meta_path} (tokenizer {info.tokenizer}, {info.dtype}) disagrees with the training data "
             f"(tokenizer {tokenizer_name}, {train_info.dtype}); prepare both with the same tokenizer"
         )
-    return open_token_file(val_path, info.dtype, vocab_size, expected_token_count(info, val_path))
+    return open_token_file(val_path, info.dtype, vocab_size, expected_token_count(info, val_path),
+                           recorded_max_token_id(info, val_path))
 
 
-def _split_windows(tokens: np.memmap, seq_len: int, bin_path: Path) -> tuple[MMapSliceDataset, MMapSliceDataset]:
+def _split_windows(tokens: np.memmap, seq_len: int, bin_path: Path,
+                   vocab_size: int) -> tuple[MMapSliceDataset, MMapSliceDataset]:
     """The file's own windows, the last 10% (at least one) for validation."""
     n_windows = (len(tokens) - 1) // seq_len
     if n_windows < 2:
@@ -142,6 +146,6 @@ def _split_windows(tokens: np.memmap, seq_len: int, bin_path: Path) -> tuple[MMa
         )
     n_val = max(1, round(n_windows * VAL_FRACTION))
     cut = (n_windows - n_val) * seq_len
-    train = MMapSliceDataset(tokens, seq_len, f"{bin_path} (train windows)", 0, cut + 1)
-    val = MMapSliceDataset(tokens, seq_len, f"{bin_path} (last {n_val} windows, val)", cut)
+    train = MMapSliceDataset(tokens, seq_len, f"{bin_path} (train windows)", 0, cut + 1, vocab_size)
+    val = MMapSliceDataset(tokens, seq_len, f"{bin_path} (last {n_val} windows, val)", cut, vocab_size=vocab_size)
     return train, val
