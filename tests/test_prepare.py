@@ -138,7 +138,7 @@ OFFLINE_PROXY = {"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127
 CLI_BAD_INPUTS = {
     "missing_path": ({}, ["{tmp}/nope.txt"], r"input .*nope.txt does not exist", {}),
     "empty_file": ({"e.txt": b""}, ["{tmp}/e.txt"], r"input .*e.txt is empty", {}),
-    "unsupported_type": ({"x.bin": b"\0\0"}, ["{tmp}/x.bin"], r"cannot read .bin; prepare reads .txt and .jsonl", {}),
+    "unsupported_type": ({"x.bin": b"\0\0"}, ["{tmp}/x.bin"], r"cannot read .bin; prepare reads .txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet", {}),
     "invalid_utf8_txt": ({"ok.txt": b"fine", "bad.txt": b"line one\nline \xff two\n"}, ["{tmp}/ok.txt", "{tmp}/bad.txt"],
                          r"bad.txt, line 2: invalid UTF-8 at byte 14 \(invalid start byte\); re-encode", {}),
     "jsonl_not_json": ({"d.jsonl": b'{"text": "a"}\n{"text": "b"}\nnot json at all\n'}, ["{tmp}/d.jsonl"],
@@ -151,7 +151,7 @@ CLI_BAD_INPUTS = {
 }
 MORE_BAD_INPUTS = {
     "empty_file_in_folder": ({"f/a.txt": b"text", "f/b.txt": b""}, ["{tmp}/f"], r"input .*f/b.txt is empty", {}),
-    "folder_without_text": ({"f/a.md": b"text"}, ["{tmp}/f"], r"input folder .*f holds no .txt or .jsonl files", {}),
+    "folder_without_text": ({"f/a.md": b"text"}, ["{tmp}/f"], r"input folder .*f holds no .txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet files", {}),
     "invalid_utf8_jsonl": ({"d.jsonl": b'{"text": "a"}\n{"text": "caf\xe9"}\n'}, ["{tmp}/d.jsonl"],
                            r"d.jsonl, line 2: invalid UTF-8 at byte 27 \(invalid continuation byte\)", {}),
     "jsonl_text_not_string": ({"d.jsonl": b'{"text": 5}\n'}, ["{tmp}/d.jsonl"], r"line 1: not a JSON object", {}),

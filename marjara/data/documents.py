@@ -1,7 +1,9 @@
 """Raw text inputs: finding them, cutting them into chunks for parallel work, reading documents.
 
-A `.txt` file is one document. A `.jsonl` file holds one document per line, in its "text" field
-(blank lines are skipped; a line that is not a JSON object with a string "text" is an error).
+A `.txt` file is one document. A `.jsonl` file holds one document per line, in its text field
+("text" unless --text_field names another; blank lines are skipped; a line that is not a JSON
+object with a string in that field is an error). Compressed `.jsonl.gz`/`.jsonl.zst` files are
+read by marjara.data.compressed, `.parquet` files by marjara.data.parquet.
 
 Invalid UTF-8 policy: input must be valid UTF-8. A file that is not stops the run with one line
 naming the file, the line and the byte offset, and nothing is written; re-encode it (e.g.
@@ -24,7 +26,7 @@ from typing import BinaryIO, Iterator
 
 from marjara.errors import MarjaraError
 
-INPUT_SUFFIXES = (".txt", ".jsonl")
+INPUT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 CHUNK_BYTES = 1 << 20
 _SCAN_BLOCK = 1 << 16
 _MAX_TXT_SCAN = 1 << 22
@@ -32,28 +34,47 @@ _TXT_SPLIT = re.compile(rb"\n(?=[!-~])|(?<=[!-~])(?= [A-Za-z])")
 
 
 class InputError(Exception):
-    """A bad byte range in an input file, raised in worker processes (picklable: plain args)."""
+    """Bad input, raised in worker processes (picklable: plain args). `where` names the place
+    ("line 3", "row 12", "" for the whole file); when it is None, the line of byte `offset` is
+    looked up (only when the error is shown)."""
 
-    def __init__(self, path: str, offset: int, reason: str) -> None:
-        super().__init__(path, offset, reason)
-        self.path, self.offset, self.reason = path, offset, reason
+    def __init__(self, path: str, offset: int | None, reason: str, where: str | None = None) -> None:
+        super().__init__(path, offset, reason, where)
+        self.path, self.offset, self.reason, self.where = path, offset, reason, where
 
     def to_marjara_error(self) -> MarjaraError:
-        return MarjaraError(f"{self.path}, line {line_number(Path(self.path), self.offset)}: {self.reason}")
+        where = self.where if self.where is not None else f"line {line_number(Path(self.path), self.offset)}"
+        return MarjaraError(f"{self.path}{', ' + where if where else ''}: {self.reason}")
+
+
+def input_suffix(path: Path) -> str | None:
+    """The input kind of a file name (".jsonl.gz" for "a.jsonl.gz"), or None if prepare cannot read it."""
+    return next((suffix for suffix in INPUT_SUFFIXES if path.name.endswith(suffix)), None)
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """Bytes [start, stop) of an input file; `last` when it ends the file."""
+    """Bytes [start, stop) of an uncompressed input file; `last` when it ends the file.
+
+    Every kind of chunk has `texts()` (run in a worker), `whole_documents` (False: a piece of one
+    .txt document), `last` and `nbytes` (input bytes, for the progress bar)."""
 
     path: str
     start: int
     stop: int
     last: bool
+    text_field: str = "text"
 
     @property
-    def is_jsonl(self) -> bool:
+    def whole_documents(self) -> bool:
         return self.path.endswith(".jsonl")
+
+    @property
+    def nbytes(self) -> int:
+        return self.stop - self.start
+
+    def texts(self) -> list[str]:
+        return chunk_documents(self)
 
 
 def collect_inputs(paths: list[str]) -> list[Path]:
@@ -64,16 +85,16 @@ def collect_inputs(paths: list[str]) -> list[Path]:
         if not path.exists():
             raise MarjaraError(f"input {raw} does not exist")
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix in INPUT_SUFFIXES and p.is_file())
+            found = sorted(p for p in path.rglob("*") if input_suffix(p) and p.is_file())
             if not found:
-                raise MarjaraError(f"input folder {raw} holds no .txt or .jsonl files")
+                raise MarjaraError(f"input folder {raw} holds no {', '.join(INPUT_SUFFIXES)} files")
             files.extend(found)
-        elif path.suffix in INPUT_SUFFIXES:
+        elif input_suffix(path):
             files.append(path)
         else:
             raise MarjaraError(
-                f"input {raw}: cannot read {path.suffix or 'a file without extension'}; "
-                "prepare reads .txt and .jsonl files and folders of them"
+                f"input {raw}: cannot read {''.join(path.suffixes[-2:]) or 'a file without extension'}; "
+                f"prepare reads {', '.join(INPUT_SUFFIXES)} files and folders of them"
             )
     for path in files:
         if path.stat().st_size == 0:
@@ -81,8 +102,9 @@ def collect_inputs(paths: list[str]) -> list[Path]:
     return files
 
 
-def plan_chunks(path: Path, chunk_bytes: int | None = None) -> Iterator[Chunk]:
-    """Consecutive chunks of about chunk_bytes (default CHUNK_BYTES) covering the file, each ending at a safe cut."""
+def plan_chunks(path: Path, chunk_bytes: int | None = None, text_field: str = "text") -> Iterator[Chunk]:
+    """Consecutive chunks of about chunk_bytes (default CHUNK_BYTES) covering a .txt or .jsonl file,
+    each ending at a safe cut."""
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     size = path.stat().st_size
     jsonl = path.suffix == ".jsonl"
@@ -90,7 +112,7 @@ def plan_chunks(path: Path, chunk_bytes: int | None = None) -> Iterator[Chunk]:
         start = 0
         while start < size:
             stop = _next_cut(f, start + chunk_bytes, size, jsonl)
-            yield Chunk(str(path), start, stop, stop == size)
+            yield Chunk(str(path), start, stop, stop == size, text_field)
             start = stop
 
 
@@ -130,35 +152,45 @@ def read_chunk(chunk: Chunk) -> bytes:
 def chunk_documents(chunk: Chunk) -> list[str]:
     """The texts in a chunk: a piece of one .txt document, or the documents of whole .jsonl lines."""
     data = read_chunk(chunk)
-    if not chunk.is_jsonl:
+    if not chunk.whole_documents:
         return [decode_utf8(data, chunk.path, chunk.start)]
+    return jsonl_texts(data, chunk.path, chunk.text_field, chunk.start)
+
+
+def jsonl_texts(data: bytes, path: str, text_field: str, offset: int, first_line: int | None = None) -> list[str]:
+    """The text field of each non-blank line of `data` (whole lines starting at byte `offset` of the
+    file, or of the decompressed stream; with first_line given, errors name lines directly)."""
     texts = []
-    offset = chunk.start
-    for line in data.split(b"\n"):
+    for i, line in enumerate(data.split(b"\n")):
         if line.strip():
-            texts.append(_jsonl_text(line, chunk.path, offset))
+            where = None if first_line is None else f"line {first_line + i}"
+            texts.append(_jsonl_text(line, path, text_field, offset, where))
         offset += len(line) + 1
     return texts
 
 
-def _jsonl_text(line: bytes, path: str, offset: int) -> str:
-    text = decode_utf8(line, path, offset)
+def _jsonl_text(line: bytes, path: str, text_field: str, offset: int, where: str | None) -> str:
+    text = decode_utf8(line, path, offset, where)
     try:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InputError(path, offset, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise InputError(path, offset, 'not a JSON object with a string field "text"')
-    return record["text"]
+        raise InputError(path, offset, f"not valid JSON ({exc.msg} at column {exc.colno})", where) from None
+    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        hint = ""
+        if isinstance(record, dict) and text_field not in record:
+            hint = f" (it has {', '.join(record) or 'no fields'}; choose the text field with --text_field)"
+        raise InputError(path, offset, f'not a JSON object with a string field "{text_field}"{hint}', where)
+    return record[text_field]
 
 
-def decode_utf8(data: bytes, path: str, offset: int) -> str:
+def decode_utf8(data: bytes, path: str, offset: int, where: str | None = None) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         at = offset + exc.start
         raise InputError(
-            path, at, f"invalid UTF-8 at byte {at} ({exc.reason}); re-encode the file as UTF-8 (e.g. iconv -t utf-8)"
+            path, at, f"invalid UTF-8 at byte {at} ({exc.reason}); re-encode the file as UTF-8 (e.g. iconv -t utf-8)",
+            where,
         ) from None
 
 
