@@ -11,6 +11,7 @@ Within that step, global batch position j goes to
 
 so ranks hold contiguous slices. The stream's whole state is samples_consumed (completed steps
 only): resuming from it on any world size or micro/accum split continues the same sample stream.
+A Mixture (mixture.py) maps the same global sample indices onto several weighted datasets.
 """
 
 from __future__ import annotations
@@ -28,11 +29,15 @@ if TYPE_CHECKING:
 
 
 class GlobalSampler:
-    def __init__(self, num_windows: int, seed: int) -> None:
+    """The window order: a seeded permutation per epoch. `stream` gives each source of a mixture
+    an order of its own (default_rng([seed, stream, epoch]))."""
+
+    def __init__(self, num_windows: int, seed: int, stream: int | None = None) -> None:
         if num_windows < 1:
             raise MarjaraError(f"the sampler needs at least one window (got {num_windows})")
         self.num_windows = int(num_windows)
         self.seed = int(seed)
+        self._key = [self.seed] if stream is None else [self.seed, int(stream)]
         self._permutations: dict[int, np.ndarray] = {}
 
     def permutation(self, epoch: int) -> np.ndarray:
@@ -41,7 +46,7 @@ class GlobalSampler:
             # arange + shuffle is what Generator.permutation(N) does; int32 halves the memory.
             dtype = np.int32 if self.num_windows < 2**31 else np.int64
             perm = np.arange(self.num_windows, dtype=dtype)
-            np.random.default_rng([self.seed, epoch]).shuffle(perm)
+            np.random.default_rng([*self._key, epoch]).shuffle(perm)
             if len(self._permutations) >= 2:  # a batch spans at most two epochs' permutations at once
                 self._permutations.pop(min(self._permutations))
             self._permutations[epoch] = perm
@@ -66,6 +71,17 @@ class GlobalSampler:
         return self.window_indices(k * global_batch_size, (k + 1) * global_batch_size)
 
 
+class DatasetSampler:
+    """Windows of global samples from one dataset (a Mixture's sampler() is the blended kind)."""
+
+    def __init__(self, dataset: TokenDataset, seed: int) -> None:
+        self.dataset = dataset
+        self.order = GlobalSampler(len(dataset), seed)
+
+    def windows(self, start: int, stop: int) -> np.ndarray:
+        return self.dataset.windows(self.order.window_indices(start, stop))
+
+
 def _to_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     import torch  # here, not at the top: python -m marjara.prepare never pays torch's import
 
@@ -75,9 +91,12 @@ def _to_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class TrainStream:
-    """This rank's micro-batches; call next_micro_batch() grad_accum times per optimizer step."""
+    """This rank's micro-batches; call next_micro_batch() grad_accum times per optimizer step.
 
-    def __init__(self, dataset: TokenDataset, seed: int, micro_batch_size: int, grad_accum: int,
+    `data` is a TokenDataset or a Mixture (anything with a sampler(seed) giving windows(start, stop)).
+    """
+
+    def __init__(self, data, seed: int, micro_batch_size: int, grad_accum: int,
                  rank: int, world_size: int, samples_consumed: int = 0) -> None:
         for name, value in (("micro_batch_size", micro_batch_size), ("grad_accum", grad_accum),
                             ("world_size", world_size)):
@@ -85,8 +104,8 @@ class TrainStream:
                 raise MarjaraError(f"{name} must be >= 1 (got {value})")
         if not 0 <= rank < world_size:
             raise MarjaraError(f"rank {rank} is outside world size {world_size}")
-        self.dataset = dataset
-        self.sampler = GlobalSampler(len(dataset), seed)
+        self.data = data
+        self.sampler = data.sampler(seed) if hasattr(data, "sampler") else DatasetSampler(data, seed)
         self.micro_batch_size = micro_batch_size
         self.grad_accum = grad_accum
         self.rank = rank
@@ -106,7 +125,7 @@ class TrainStream:
     def next_micro_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) torch.long of shape (micro_batch_size, seq_len); y is x shifted by one token."""
         samples = self.sample_indices(self._micro_step)
-        windows = self.dataset.windows(self.sampler.window_indices(int(samples[0]), int(samples[-1]) + 1))
+        windows = self.sampler.windows(int(samples[0]), int(samples[-1]) + 1)
         self._micro_step += 1
         if self._micro_step == self.grad_accum:
             self._micro_step = 0

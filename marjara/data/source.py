@@ -6,6 +6,8 @@
                        the last 10% of X.bin's windows (the split shares one boundary token)
     folder             prepared by `python -m marjara.prepare`: train.bin, val.bin, meta.json
                        (nanoGPT's folders without meta.json are read as gpt2 uint16)
+    several / mix.json a weighted mixture of the above (mixture_spec.py): train is a Mixture,
+                       val is None and val_sets holds each source's (name, weight, validation set)
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import numpy as np
 from marjara.data.corpus import DEFAULT_CORPUS_NAME, DEFAULT_CORPUS_TOKENIZER, default_corpus_documents
 from marjara.data.datasets import MMapSliceDataset, TextDataset, TokenDataset, tokenize_documents
 from marjara.data.documents import read_text_file
+from marjara.data.mixture import Mixture
+from marjara.data.mixture_spec import SourceSpec, open_mixture, parse_data_arg
 from marjara.data.formats import expected_token_count, open_token_file, recorded_max_token_id, token_file_info
 from marjara.errors import MarjaraError
 from marjara.data.tokenizer import Tokenizer, get_tokenizer, token_dtype_name
@@ -28,13 +32,22 @@ VAL_FRACTION = 0.1
 
 @dataclass
 class DataSource:
-    train: TokenDataset
-    val: TokenDataset
+    train: TokenDataset | Mixture
+    val: TokenDataset | None
     tokenizer_name: str
     vocab_size: int  # the tokenizer's vocabulary (as recorded by the data when it records one)
     description: str
     meta: dict | None = None
     _tokenizer: Tokenizer | None = field(default=None, repr=False)
+    val_sets: list[tuple[str, float, TokenDataset]] = field(default_factory=list)
+
+    @property
+    def is_mixture(self) -> bool:
+        return isinstance(self.train, Mixture)
+
+    def validation_sets(self) -> list[tuple[str, float, TokenDataset]]:
+        """(name, weight, dataset) per source; one unnamed set of weight 1 for a single source."""
+        return self.val_sets or [("", 1.0, self.val)]
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -58,9 +71,13 @@ class DataSource:
             )
 
 
-def open_data(path: str | None, seq_len: int, tokenizer: str | None = None) -> DataSource:
+def open_data(path: str | list[str] | list[SourceSpec] | None, seq_len: int, tokenizer: str | None = None) -> DataSource:
+    """`path` as --data gives it: None, one path, or a mixture (WEIGHT PATH strings, a mix.json, SourceSpecs)."""
     if seq_len < 1:
         raise MarjaraError(f"seq_len must be >= 1 (got {seq_len})")
+    path = parse_data_arg(path)
+    if isinstance(path, list):
+        return open_mixture(path, seq_len, tokenizer)
     if path is None:
         return _open_documents(default_corpus_documents(), DEFAULT_CORPUS_NAME, seq_len,
                                tokenizer or DEFAULT_CORPUS_TOKENIZER)
