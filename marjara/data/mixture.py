@@ -54,12 +54,12 @@ class Mixture:
         self.datasets = list(datasets)
         self.seq_len = datasets[0].seq_len
         self.counts = block_counts(self.weights)
-        keys = np.concatenate([(2 * np.arange(c) + 1) / (2 * c) for c in self.counts])
-        sources = np.repeat(np.arange(len(names)), self.counts)
+        sources = np.repeat(np.arange(len(names), dtype=np.int32), self.counts)
+        rank_in_source = np.arange(BLOCK, dtype=np.int64) - np.repeat(np.cumsum(self.counts) - self.counts, self.counts)
+        keys = (2 * rank_in_source + 1) / (2 * self.counts[sources])
         order = np.argsort(keys, kind="stable")  # ties: the source listed first
-        self.block_source = sources[order].astype(np.int32)
-        rank_in_source = np.concatenate([np.arange(c) for c in self.counts])
-        self.block_rank = rank_in_source[order].astype(np.int64)
+        self.block_source = sources[order]
+        self.block_rank = rank_in_source[order]
 
     def __len__(self) -> int:
         return len(self.names)
