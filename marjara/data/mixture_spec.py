@@ -36,9 +36,9 @@ class SourceSpec:
 
 def parse_data_arg(values: str | list[str] | list[SourceSpec] | None) -> str | list[SourceSpec] | None:
     """None (the built-in corpus), one path, or the sources of a mixture; MarjaraError if malformed."""
-    if values is None or isinstance(values, str):
-        return values
-    values = list(values)
+    if values is None:
+        return None
+    values = [values] if isinstance(values, str) else list(values)
     if values and all(isinstance(v, SourceSpec) for v in values):
         return _checked(values, "--data")
     if len(values) == 1:

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from marjara.data.mixture_spec import parse_data_arg
 from marjara.errors import MarjaraError
 from marjara.model.config import PRESETS, ModelConfig
 from marjara.model.ffn import EVAL_ROUTINGS
@@ -33,9 +34,11 @@ def model_setting(name: str, help: str, **flag: Any):
 @dataclass
 class TrainConfig:
     # ---- data
-    data: str | None = setting(
-        None, "a .txt file, a .bin token file, or a folder prepared by `python -m marjara.prepare`", group="data",
-        shown="the built-in corpus (Python's own documentation, byte-level tokenizer)")
+    data: str | list[str] | None = setting(
+        None, "a .txt file, a .bin token file, or a folder prepared by `python -m marjara.prepare`; or a weighted "
+        "mixture of folders and .bin files: WEIGHT PATH pairs (0.7 data/web 0.3 data/code) or a mix.json naming "
+        "each source (see the README's Mixtures)", group="data",
+        shown="the built-in corpus (Python's own documentation, byte-level tokenizer)", nargs="+", metavar="DATA")
     tokenizer: str | None = setting(None, "tokenizer name (a tiktoken encoding or 'bytes')", group="data",
                                     shown="the one the data records, else gpt2")
     seq_len: int | None = setting(None, "tokens per sample", group="data", shown="the preset's max_seq_len", type=int)
@@ -128,6 +131,8 @@ class TrainConfig:
         values.update(given)
         if isinstance(values["adam_betas"], list):
             values["adam_betas"] = tuple(values["adam_betas"])
+        if isinstance(values["data"], list) and len(values["data"]) == 1:  # one path or mix.json stays a str
+            values["data"] = values["data"][0]
         _check(values, given)
         values["ds_json"] = merge_json(values, set(given), has_gpu)
         if values["seq_len"] is None:
@@ -164,6 +169,7 @@ def flag_fields() -> dict[str, dataclasses.Field]:
 def _check(values: dict, given: dict) -> None:
     """Values no run can use, refused before anything starts (with the JSON's part of them
     checked where it is merged)."""
+    parse_data_arg(values["data"])  # a malformed mixture stops here, before any process group starts
     problems = []
     for name in ("max_steps", "log_interval", "eval_batches"):
         if values[name] < 1:

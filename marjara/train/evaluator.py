@@ -2,6 +2,9 @@
 
 MoE layers route as eval mode does (every token to its top-k experts), so the loss is reproducible
 and equals what the exported model scores, unless moe_routing is "training" (--moe_eval_routing).
+
+A mixture has one validation set per source: each is logged as val/loss/<name> and
+val/ppl/<name>, and val/loss / val/ppl are the weighted total (weights as in the mixture).
 """
 
 from __future__ import annotations
@@ -15,18 +18,26 @@ import torch.nn.functional as F
 from marjara.model.ffn import moe_eval_routing
 
 
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
 class Evaluator:
-    def __init__(self, engine, batches: list, world: int, ema, report, moe_routing: str = "deterministic") -> None:
-        self.engine, self.batches, self.world, self.ema, self.report = engine, batches, world, ema, report
+    """`sets`: (name, weight, this rank's batches) per validation set; one unnamed set of weight 1
+    for single-source data."""
+
+    def __init__(self, engine, sets: list[tuple[str, float, list]], world: int, ema, report,
+                 moe_routing: str = "deterministic") -> None:
+        self.engine, self.sets, self.world, self.ema, self.report = engine, sets, world, ema, report
         self.moe_routing = moe_routing
 
     @torch.no_grad()
-    def loss(self) -> float:
-        """Mean validation cross-entropy over the fixed validation batches of all ranks."""
+    def loss(self, batches: list) -> float:
+        """Mean validation cross-entropy over the fixed batches of all ranks."""
         self.engine.eval()
         totals = torch.zeros(2, dtype=torch.float64)
         with moe_eval_routing(self.engine.module, self.moe_routing):
-            for x, y in self.batches:
+            for x, y in batches:
                 logits, _ = self.engine(x.to(self.engine.device))
                 loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.to(logits.device).view(-1),
                                        reduction="sum", ignore_index=-1)
@@ -36,14 +47,26 @@ class Evaluator:
             dist.all_reduce(totals)
         return float(totals[0] / totals[1])
 
+    def losses(self) -> tuple[float, dict[str, float]]:
+        """(weighted total, loss of each named set)."""
+        each = {name: self.loss(batches) for name, _, batches in self.sets}
+        return sum(weight * each[name] for name, weight, _ in self.sets), each
+
     def run(self, step: int) -> float:
-        """Evaluate and log val/loss, val/ppl (and val/loss_ema with an EMA); returns val/loss."""
-        loss = self.loss()
-        values = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+        """Evaluate and log val/loss, val/ppl, per source for a mixture (and val/loss_ema with an EMA);
+        returns val/loss."""
+        loss, each = self.losses()
+        values = {"val/loss": loss, "val/ppl": perplexity(loss)}
         line = f"val loss {loss:.4f} | ppl {values['val/ppl']:.2f}"
+        named = {name: value for name, value in each.items() if name}
+        for name, value in named.items():
+            values[f"val/loss/{name}"] = value
+            values[f"val/ppl/{name}"] = perplexity(value)
+        if named:
+            line += " | " + " | ".join(f"{name} {value:.4f}" for name, value in named.items())
         if self.ema is not None:
             with self.ema.swapped_in():
-                values["val/loss_ema"] = self.loss()
+                values["val/loss_ema"] = self.losses()[0]
             line += f" | ema val loss {values['val/loss_ema']:.4f}"
         self.report.log(step, values)
         self.report.print(f"step {step:>6} | {line}")

@@ -53,12 +53,12 @@ class Learner:
         self.step, samples_consumed = resume.load(self.engine, self.ema, group_hparams, self.report) if resume else (0, 0)
         self.stream = TrainStream(self.data.train, cfg.seed, cfg.batch_size, cfg.grad_accum, self.rank, self.world,
                                   samples_consumed)
-        val_batches = (validation_batches(self.data.val, cfg.batch_size, cfg.eval_batches, self.rank, self.world)
-                       if cfg.eval_interval > 0 else [])
+        val_sets = ([(name, weight, validation_batches(dataset, cfg.batch_size, cfg.eval_batches, self.rank, self.world))
+                     for name, weight, dataset in self.data.validation_sets()] if cfg.eval_interval > 0 else [])
         if cfg.compile:
             compile_model(self.engine, self.config, self.report)
 
-        self.evaluator = Evaluator(self.engine, val_batches, self.world, self.ema, self.report, cfg.moe_eval_routing)
+        self.evaluator = Evaluator(self.engine, val_sets, self.world, self.ema, self.report, cfg.moe_eval_routing)
         run_meta = {"seq_len": cfg.seq_len, "model_config": self.config.to_dict(), "tokenizer": self.data.tokenizer_name,
                     "zero_stage": cfg.zero_stage, "world_size": self.world, "dtype": cfg.mixed_precision,
                     "train_args": cfg.plain_values()}
@@ -117,6 +117,9 @@ class Learner:
             f"tokenizer={self.data.tokenizer_name} global_batch={tokens_per_step} tokens "
             f"peak={peak:.2f} TFLOP/s ({peak_source})"
             + ("" if torch.cuda.is_available() else f" malloc={active_allocator()}"))
+        if self.data.is_mixture:
+            samples = cfg.max_steps * cfg.batch_size * cfg.grad_accum * self.world
+            self.report.print(f"mixture: {self.data.train.summary(samples)}")
         return StepMeter(self.engine, self.model, self.report, self.world, tokens_per_step,
                          self.model.flops_per_token(cfg.seq_len), peak, cfg.mixed_precision, cfg.zero_stage)
 
