@@ -67,17 +67,9 @@ def _decompressed(raw: BinaryIO, path: str) -> Iterator[bytes]:
     kind = "gzip" if path.endswith(".gz") else "zstd"
     try:
         yield from (_gzip_pieces(raw) if kind == "gzip" else _zstd_pieces(raw))
-    except (OSError, EOFError, zlib.error) as exc:
-        raise _damaged(path, kind, exc) from None
-    except Exception as exc:  # zstandard.ZstdError, without importing zstandard for .gz files
-        if type(exc).__name__ != "ZstdError":
-            raise
-        raise _damaged(path, kind, exc) from None
-
-
-def _damaged(path: str, kind: str, exc: Exception) -> InputError:
-    return InputError(path, None, f"the {kind} archive is truncated or corrupt ({exc}); download or copy it again",
-                      where="")
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise InputError(path, None, f"the {kind} archive is truncated or corrupt ({exc}); download or copy it again",
+                         where="") from None
 
 
 def _gzip_pieces(raw: BinaryIO) -> Iterator[bytes]:
@@ -94,7 +86,10 @@ def _zstd_pieces(raw: BinaryIO) -> Iterator[bytes]:
     while block := raw.read(_READ_BLOCK):
         while block:
             inside_frame = True
-            piece = frame.decompress(block)
+            try:
+                piece = frame.decompress(block)
+            except zstandard.ZstdError as exc:
+                raise OSError(str(exc)) from None
             if piece:
                 yield piece
             if frame.eof:  # the frame ended within this block: the rest starts the next frame
