@@ -31,9 +31,13 @@ class Evaluator:
         self.engine, self.sets, self.world, self.ema, self.report = engine, sets, world, ema, report
         self.moe_routing = moe_routing
 
+    def loss(self) -> float:
+        """The validation loss: the weighted total over the sets (a single source's own loss)."""
+        return self.losses()[0]
+
     @torch.no_grad()
-    def loss(self, batches: list) -> float:
-        """Mean validation cross-entropy over the fixed batches of all ranks."""
+    def set_loss(self, batches: list) -> float:
+        """Mean validation cross-entropy over one set's fixed batches, of all ranks."""
         self.engine.eval()
         totals = torch.zeros(2, dtype=torch.float64)
         with moe_eval_routing(self.engine.module, self.moe_routing):
@@ -49,7 +53,7 @@ class Evaluator:
 
     def losses(self) -> tuple[float, dict[str, float]]:
         """(weighted total, loss of each named set)."""
-        each = {name: self.loss(batches) for name, _, batches in self.sets}
+        each = {name: self.set_loss(batches) for name, _, batches in self.sets}
         return sum(weight * each[name] for name, weight, _ in self.sets), each
 
     def run(self, step: int) -> float:
@@ -66,7 +70,7 @@ class Evaluator:
             line += " | " + " | ".join(f"{name} {value:.4f}" for name, value in named.items())
         if self.ema is not None:
             with self.ema.swapped_in():
-                values["val/loss_ema"] = self.losses()[0]
+                values["val/loss_ema"] = self.loss()
             line += f" | ema val loss {values['val/loss_ema']:.4f}"
         self.report.log(step, values)
         self.report.print(f"step {step:>6} | {line}")
