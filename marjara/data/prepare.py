@@ -1,18 +1,14 @@
-"""Tokenise text into a training folder: train.bin, val.bin, meta.json.
+"""prepare's core: tokenise documents into train.bin, val.bin and meta.json (the CLI, with the
+accepted inputs, is marjara/prepare.py).
 
-    python -m marjara.prepare INPUT... --out DIR [--tokenizer gpt2] [--val_fraction 0.1] [--workers N]
-                                                 [--text_field text]
-
-INPUT: .txt files (one document each), .jsonl / .jsonl.gz / .jsonl.zst files (one document per
-line, in the text field), .parquet files (one document per row, in the text column), or folders
-of them (searched recursively, sorted). End-of-text follows every document. The last
-val_fraction of the token stream becomes val.bin. Inputs must be valid UTF-8 (see
-marjara.data.documents). Files are cut into ~1 MiB chunks (parquet: groups of row groups,
-compressed files: blocks of decompressed lines) tokenised by a pool of worker processes with a
-bounded number of chunks in flight, so memory stays flat whatever the corpus size, and the output
-is identical for any number of workers. Everything is written to temporary files renamed at the
-end: an interrupted or failed run leaves no file that looks complete. meta.json records the
-largest token id, so opening the data later checks ids without reading the files.
+End-of-text follows every document; the last val_fraction of the token stream becomes val.bin.
+Inputs must be valid UTF-8 (see marjara.data.documents). Files are cut into ~1 MiB chunks
+(parquet: groups of row groups, compressed files: blocks of decompressed lines) tokenised by a
+pool of worker processes with a bounded number of chunks in flight, so memory stays flat whatever
+the corpus size, and the output is identical for any number of workers. Everything is written to
+temporary files renamed at the end: an interrupted or failed run leaves no file that looks
+complete. meta.json records the largest token id, so opening the data later checks ids without
+reading the files.
 """
 
 from __future__ import annotations

@@ -1,13 +1,7 @@
-"""Pre-flight check before a multi-node launch: catch in seconds what would otherwise hang a job.
+"""The pre-flight checks behind `python -m marjara.preflight` (marjara/preflight.py): each one
+raises a MarjaraError naming the bad line, host or tool.
 
-    python -m marjara.preflight --hostfile launch/hostfile --launcher pdsh --world_size 16
-
-Checks the hostfile's syntax (the error names the bad line), that the slots add up to the
-requested world size, that the launcher's tools are installed, that the master address resolves,
-that a .deepspeed_env file is one safe KEY=VALUE per line (DeepSpeed pastes each value into the
-remote shell command), and, for launchers that reach the other nodes over ssh, that every host
-answers a non-interactive ssh within a timeout. ssh options come from PDSH_SSH_ARGS_APPEND, as for
-DeepSpeed's pdsh launcher.
+ssh options come from PDSH_SSH_ARGS_APPEND, as for DeepSpeed's pdsh launcher.
 """
 
 from __future__ import annotations
