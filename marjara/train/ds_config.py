@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from marjara.errors import MarjaraError
+from marjara.train.ds_validate import check_top_level, check_with_deepspeed
 
 AUTO = "auto"
 
@@ -48,6 +49,7 @@ def load_json_config(path: str | None) -> dict:
         raise MarjaraError(f"DeepSpeed config {path} is not valid JSON (line {exc.lineno}: {exc.msg}); fix the file") from None
     if not isinstance(config, dict):
         raise MarjaraError(f"DeepSpeed config {path} must hold a JSON object")
+    check_top_level(config, path)
     return config
 
 
@@ -115,6 +117,7 @@ def merge_json(values: dict, given: set[str], has_gpu: bool) -> dict:
             "use ds_configs/zero2.json")
 
     _merge_optimizer_and_scheduler(config, merge)
+    check_with_deepspeed(config, source)  # every "auto" is filled by now
     values["log_dir"] = _resolve_log_dir(config.pop("tensorboard", None), values, source)
     config.setdefault("steps_per_print", 10**9)  # MARJARA prints its own progress
     config.setdefault("wall_clock_breakdown", False)

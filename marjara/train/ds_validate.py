@@ -1,0 +1,183 @@
+"""The DeepSpeed JSON checked before anything starts, each mistake as one line naming key and file.
+
+DeepSpeed itself ignores unknown top-level keys, validates its blocks (`zero_optimization`, `fp16`,
+`tensorboard`, ...) with pydantic models whose errors are tracebacks dozens of lines long, and
+reads scalars such as `gradient_clipping` unchecked, so `"gradient_clipping": "abc"` only fails at
+the first optimizer step. Here:
+
+- `check_top_level` (when the file is read): every top-level key must be one DeepSpeed reads (the
+  nearest known key is suggested), and the scalars MARJARA or DeepSpeed use must have their type
+  and range (`"auto"` allowed where a flag fills it);
+- `check_with_deepspeed` (once `"auto"` values are filled): the config goes through DeepSpeed's own
+  `DeepSpeedConfig`, and its validation errors become one line.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import numbers
+from collections.abc import KeysView
+
+from marjara.errors import MarjaraError
+
+AUTO = "auto"
+# Read by DeepSpeed's engine outside DeepSpeedConfig (Ulysses sequence parallelism's mesh).
+_ENGINE_KEYS = {"sequence_parallel_size", "data_parallel_size"}
+
+
+def _number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# key: (test, what it must be, "auto" allowed because a flag fills it)
+_SCALARS = {
+    "train_micro_batch_size_per_gpu": (lambda v: _integer(v) and v >= 1, "an integer >= 1", True),
+    "gradient_accumulation_steps": (lambda v: _integer(v) and v >= 1, "an integer >= 1", True),
+    "train_batch_size": (lambda v: _integer(v) and v >= 1, "an integer >= 1", True),
+    "gradient_clipping": (lambda v: _number(v) and v >= 0, "a number >= 0 (0 disables clipping)", True),
+    "steps_per_print": (lambda v: _integer(v) and v >= 1, "an integer >= 1", False),
+    "gradient_predivide_factor": (lambda v: _number(v) and v > 0, "a number > 0", False),
+    "prescale_gradients": (lambda v: isinstance(v, bool), "true or false", False),
+    "wall_clock_breakdown": (lambda v: isinstance(v, bool), "true or false", False),
+    "memory_breakdown": (lambda v: isinstance(v, bool), "true or false", False),
+    "zero_allow_untested_optimizer": (lambda v: isinstance(v, bool), "true or false", False),
+    "sparse_gradients": (lambda v: isinstance(v, bool), "true or false", False),
+}
+_BLOCKS = ("zero_optimization", "bf16", "fp16", "optimizer", "scheduler", "activation_checkpointing",
+           "tensorboard", "checkpoint", "flops_profiler", "comms_logger", "wandb", "csv_monitor", "data_types")
+
+
+@functools.lru_cache(maxsize=1)
+def known_top_level_keys() -> frozenset[str]:
+    """Every top-level key DeepSpeed's config reader looks up, found by letting it read a config
+    that records each lookup (so the list follows the installed DeepSpeed, never a copy of it)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    seen: set[str] = set()
+
+    class _Keys(KeysView):
+        def __contains__(self, key):
+            seen.add(key)
+            return key in self._mapping
+
+    class _Recording(dict):
+        def get(self, key, *default):
+            seen.add(key)
+            return super().get(key, *default)
+
+        def __contains__(self, key):
+            seen.add(key)
+            return super().__contains__(key)
+
+        def __getitem__(self, key):
+            seen.add(key)
+            return super().__getitem__(key)
+
+        def keys(self):
+            return _Keys(self)
+
+    DeepSpeedConfig(_Recording(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1))
+    return frozenset(key for key in seen if isinstance(key, str)) | _ENGINE_KEYS
+
+
+def _nearest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def check_top_level(config: dict, source: str) -> None:
+    """Unknown top-level keys, mistyped scalars and non-object blocks: one MarjaraError line."""
+    known = known_top_level_keys()
+    for key in config:
+        if key not in known:
+            raise MarjaraError(f"{source}: unknown top-level key {key!r}{_nearest(key, known)} "
+                               "(DeepSpeed would ignore it silently)")
+    for key, (valid, what, auto_ok) in _SCALARS.items():
+        if key in config and not (valid(config[key]) or (auto_ok and config[key] == AUTO)):
+            allowed = f' or "{AUTO}"' if auto_ok else ""
+            raise MarjaraError(f"{source}: \"{key}\" must be {what}{allowed}, not {config[key]!r}")
+    for key in _BLOCKS:
+        if key in config and not isinstance(config[key], dict):
+            raise MarjaraError(f"{source}: \"{key}\" must be a JSON object {{...}}, not {config[key]!r}")
+    for key in ("bf16", "fp16"):
+        enabled = config.get(key, {}).get("enabled", False)
+        if not isinstance(enabled, bool) and enabled != AUTO:
+            raise MarjaraError(f'{source}: "{key}.enabled" must be true, false or "{AUTO}", not {enabled!r}')
+
+
+def check_with_deepspeed(config: dict, source: str) -> None:
+    """Run DeepSpeed's own config classes over the resolved config; their first complaint becomes
+    one line naming the key path and the file."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    trial = copy.deepcopy(config)
+    trial.pop("train_batch_size", None)  # DeepSpeed derives it from its own view of the world size
+    try:
+        DeepSpeedConfig(trial)
+    except ValidationError as exc:
+        raise MarjaraError(f"{source}: {_describe_validation_error(exc, config)}") from None
+    except Exception as exc:  # DeepSpeedConfigError, and asserts/TypeErrors of its getters
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MarjaraError(f"{source}: DeepSpeed refuses this config ({first}); fix the key it names") from None
+
+
+def _describe_validation_error(exc, config: dict) -> str:
+    error = exc.errors()[0]
+    loc = tuple(str(part) for part in error["loc"])
+    block = _block_holding(config, loc)
+    path = ".".join(((block,) if block else ()) + loc)
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        fields = _model_fields(exc.title, loc[:-1])
+        return f'unknown key "{path}"{_nearest(loc[-1], fields)} ({exc.title} does not read it)'
+    value = f" (got {error['input']!r})" if "input" in error and not isinstance(error["input"], dict) else ""
+    return f'"{path}": {message}{value}'
+
+
+def _block_holding(config: dict, loc: tuple[str, ...]) -> str | None:
+    """The top-level block whose contents the error path points into (None: the path starts at
+    the top level, as DeepSpeed's monitor model's paths do)."""
+    if _resolves(config, loc):
+        return None
+    for key, value in config.items():
+        if isinstance(value, dict) and _resolves(value, loc):
+            return key
+    return None
+
+
+def _resolves(node, loc: tuple[str, ...]) -> bool:
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return bool(loc)
+
+
+def _model_fields(title: str, inner: tuple[str, ...]) -> set[str]:
+    """Field names and aliases of the pydantic model called `title`, or of its nested model at `inner`."""
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    model = next((cls for cls in subclasses(DeepSpeedConfigModel) if cls.__name__ == title), None)
+    for part in inner:
+        if model is None:
+            return set()
+        field = model.model_fields.get(part) or next(
+            (f for f in model.model_fields.values() if f.alias == part), None)
+        annotation = getattr(field, "annotation", None)
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, DeepSpeedConfigModel)), None)
+    if model is None:
+        return set()
+    return set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
