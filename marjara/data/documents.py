@@ -5,10 +5,11 @@ A `.txt` file is one document. A `.jsonl` file holds one document per line, in i
 object with a string in that field is an error). Compressed `.jsonl.gz`/`.jsonl.zst` files are
 read by marjara.data.compressed, `.parquet` files by marjara.data.parquet.
 
-Invalid UTF-8 policy: input must be valid UTF-8. A file that is not stops the run with one line
-naming the file, the line and the byte offset, and nothing is written; re-encode it (e.g.
-`iconv -f latin1 -t utf-8`) or drop it. Silently replacing bytes would put U+FFFD tokens into the
-training stream that no one asked for; failing early costs one re-run.
+Invalid UTF-8 policy: input must be valid UTF-8 text. A file that is not, or that holds a NUL
+byte (the mark of binary data), stops the run with one line naming the file, the line and the
+byte offset, and nothing is written; re-encode it (e.g. `iconv -f latin1 -t utf-8`) or drop it.
+Silently replacing bytes would put U+FFFD tokens into the training stream that no one asked for;
+failing early costs one re-run.
 
 Big `.txt` files are cut at points where the tokenizer's pre-tokenisation splits anyway (after a
 newline followed by a printable ASCII character, else before a space between an ASCII character
@@ -184,6 +185,13 @@ def _jsonl_text(line: bytes, path: str, text_field: str, offset: int, where: str
 
 
 def decode_utf8(data: bytes, path: str, offset: int, where: str | None = None) -> str:
+    nul = data.find(b"\0")
+    if nul >= 0:  # valid UTF-8, but no text holds NUL: a binary file given as text
+        at = offset + nul
+        raise InputError(
+            path, at, f"a NUL byte at byte {at}: this is binary data, not text; give text files "
+            "(a .bin of tokens trains directly with --data)", where,
+        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

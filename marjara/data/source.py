@@ -24,7 +24,7 @@ from marjara.data.mixture import Mixture
 from marjara.data.mixture_spec import SourceSpec, open_mixture, parse_data_arg
 from marjara.data.formats import expected_token_count, open_token_file, recorded_max_token_id, token_file_info
 from marjara.errors import MarjaraError
-from marjara.data.tokenizer import Tokenizer, get_tokenizer, token_dtype_name
+from marjara.data.tokenizer import Tokenizer, check_tokenizer_name, get_tokenizer, token_dtype_name
 
 DEFAULT_TOKENIZER = "gpt2"
 VAL_FRACTION = 0.1
@@ -115,6 +115,9 @@ def _open_bin(bin_path: Path, seq_len: int, tokenizer: str | None) -> DataSource
             "drop the tokenizer option or re-run python -m marjara.prepare with it"
         )
     tokenizer_name = tokenizer or info.tokenizer
+    # Checked now, not when the end-of-run sample first needs the tokenizer (training reads ids only).
+    check_tokenizer_name(tokenizer_name, f"{info.meta_path}: " if info.meta_path and not tokenizer else "")
+    _check_promised_files(bin_path, info)
     tok = None
     vocab_size = info.vocab_size
     if vocab_size is None:  # raw nanoGPT-style file: only the tokenizer knows its vocabulary
@@ -136,6 +139,20 @@ def _open_bin(bin_path: Path, seq_len: int, tokenizer: str | None) -> DataSource
     else:
         train, val = _split_windows(tokens, seq_len, bin_path, vocab_size)
     return DataSource(train, val, tokenizer_name, vocab_size, described, info.meta, tok)
+
+
+def _check_promised_files(bin_path: Path, info) -> None:
+    """A prepared folder's meta.json counts the tokens of train.bin and val.bin: both must be there
+    (without val.bin the run would silently validate on a slice of the training windows)."""
+    if info.meta_path is None or info.meta_path.name != "meta.json":
+        return
+    for name, key in (("train.bin", "train_tokens"), ("val.bin", "val_tokens")):
+        promised = info.meta.get(key)
+        if isinstance(promised, int) and promised > 0 and not (bin_path.parent / name).is_file():
+            raise MarjaraError(
+                f"{bin_path.parent / name} is missing, but {info.meta_path} records {promised} tokens for it; "
+                f"restore it or re-run python -m marjara.prepare INPUT --out {bin_path.parent}"
+            )
 
 
 def _open_val(val_path: Path, train_info, tokenizer_name: str, vocab_size: int) -> np.memmap:

@@ -91,6 +91,17 @@ def _utf8(text: str) -> bytes:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
 
 
+def check_tokenizer_name(name: str, where: str = "") -> None:
+    """MarjaraError unless `name` is a tokenizer get_tokenizer knows (loads no files)."""
+    if name == BYTES:
+        return
+    import tiktoken
+
+    known = tiktoken.list_encoding_names()
+    if name not in known:
+        raise MarjaraError(f"{where}unknown tokenizer {name!r}; choose {BYTES!r} or a tiktoken encoding: {', '.join(known)}")
+
+
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(name: str = "gpt2") -> Tokenizer:
     """The tokenizer called `name`: "bytes" or a tiktoken encoding ("gpt2", "cl100k_base", ...)."""
@@ -98,9 +109,7 @@ def get_tokenizer(name: str = "gpt2") -> Tokenizer:
         return ByteTokenizer()
     import tiktoken
 
-    known = tiktoken.list_encoding_names()
-    if name not in known:
-        raise MarjaraError(f"unknown tokenizer {name!r}; choose {BYTES!r} or a tiktoken encoding: {', '.join(known)}")
+    check_tokenizer_name(name)
     try:
         encoding = tiktoken.get_encoding(name)
     except (OSError, ValueError, ImportError) as exc:  # no network / missing or corrupt cached files
