@@ -18,9 +18,16 @@ die() {
   exit 2
 }
 
-# usage: value_of OPTION "$@" -- prints the option's value or dies when it is missing.
+# usage: value_of OPTION "$@" -- prints the option's value or dies when it is missing. A value
+# that looks like one of our options (`--hostfile --master_addr A`) means the value was left out.
 value_of() {
-  [[ $# -ge 2 && -n "$2" && "$2" != "--" ]] || die "$1 needs a value (see --help)"
+  [[ $# -ge 2 && -n "$2" && "$2" != "--" && ! "$2" =~ ^--[a-z_]+$ ]] || die "$1 needs a value (see --help)"
+  printf '%s' "$2"
+}
+
+# The same for options whose value may itself be an option string (--launcher_args "--bind-to none").
+raw_value_of() {
+  [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value (see --help)"
   printf '%s' "$2"
 }
 

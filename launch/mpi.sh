@@ -48,7 +48,7 @@ while [[ $# -gt 0 ]]; do
     --master_port) master_port="$(value_of "$@")"; shift 2 ;;
     --ssh_port) ssh_port="$(value_of "$@")"; shift 2 ;;
     --world_size) world_size="$(value_of "$@")"; shift 2 ;;
-    --launcher_args) user_launcher_args="$(value_of "$@")"; shift 2 ;;
+    --launcher_args) user_launcher_args="$(raw_value_of "$@")"; shift 2 ;;
     --skip_ssh_check) ssh_check=0; shift ;;
     --) shift; break ;;
     *) die "unknown option $1 (train.py arguments go after --)" ;;
@@ -69,7 +69,9 @@ checks=(--launcher "$launcher" --hostfile "$hostfile" --env_file "$DS_ENV_FILE" 
 [[ "$ssh_check" == 0 ]] && checks+=(--skip_ssh)
 marjara_module marjara.preflight "${checks[@]}"
 
-cmd=(deepspeed --launcher "$launcher" --hostfile "$hostfile"
+# --force_multi: with a one-host hostfile DeepSpeed would otherwise drop --launcher and start the
+# ranks itself, without mpirun, and mpi_env.sh would find no MPI rank variables.
+cmd=(deepspeed --launcher "$launcher" --hostfile "$hostfile" --force_multi
   --master_addr "$master_addr" --master_port "$master_port" --no_ssh_check)
 if [[ "$launcher" == openmpi ]]; then
   # DeepSpeed's Open MPI runner sets no rank variables: mpi_env.sh maps Open MPI's own.

@@ -56,7 +56,8 @@ def _parse_line(text: str, number: int, source: str) -> Host | None:
             raise MarjaraError(f"{where}: unknown key {key!r} (a line is `host slots=N`)")
         if slots is not None:
             raise MarjaraError(f"{where}: slots given twice")
-        if not value.isdigit() or int(value) < 1:
+        # str.isdigit() also accepts superscripts and other digits int() cannot read ('²').
+        if not re.fullmatch(r"[0-9]+", value) or int(value) < 1:
             raise MarjaraError(f"{where}: slots must be a positive integer, got {value!r}")
         slots = int(value)
     if slots is None:
