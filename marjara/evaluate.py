@@ -67,6 +67,9 @@ def main(argv=None) -> int:
         import lm_eval  # noqa: F401
     except ImportError:
         raise MarjaraError(f"lm-evaluation-harness is not installed; {INSTALL_HINT}") from None
+    from marjara.eval.task_check import check_tasks
+
+    check_tasks(args.tasks, _include_path(rest))  # before lm-eval spends its start-up on a bad name
     from lm_eval.__main__ import cli_evaluate
 
     import marjara.eval.lm_eval_adapter  # noqa: F401  (registers the "marjara" model)
@@ -80,6 +83,9 @@ def main(argv=None) -> int:
     saved, sys.argv = sys.argv, argv_for_lm_eval
     try:
         cli_evaluate()
+    except ConnectionError as exc:  # a dataset of a task group, when the Hub cannot be reached
+        raise MarjaraError(f"lm-eval could not get a task's dataset ({exc}); run it once online, or use local "
+                           "tasks (--include_path)") from None
     finally:
         sys.argv = saved
     return 0
