@@ -7,6 +7,7 @@ import gc
 import os
 import socket
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 import torch.distributed as dist
@@ -46,6 +47,26 @@ def ensure_process_group() -> None:
     # The accelerator picks the backend (nccl on NVIDIA GPUs, gloo on CPU); a torch process group
     # that already exists is adopted as it is.
     deepspeed.init_distributed(auto_mpi_discovery=under_mpi, verbose=False)
+    _remove_shm_buffer_at_exit()
+
+
+def shm_buffer_path() -> Path:
+    """The shared-memory file DeepSpeed's CPU comm op creates for this rank when every rank is on
+    one node (LOCAL_SIZE == world size): /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
+    (named in DeepSpeed's csrc/cpu/comm/shm.cpp). DeepSpeed never removes it."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank()}")
+
+
+def _remove_shm_buffer_at_exit() -> None:
+    """Each rank removes its own buffer when its process ends, however it ends (short of SIGKILL).
+    The peers map it while their process group starts; the barrier makes sure every rank is past
+    that, so the name is free to go (mappings stay valid after the unlink)."""
+    if world_size() > 1:
+        dist.barrier()
+    path = shm_buffer_path()
+    if path.exists():
+        atexit.register(path.unlink, missing_ok=True)
 
 
 def rank() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from typing import Callable
 
@@ -11,6 +12,19 @@ EXIT_USAGE = 2
 
 class MarjaraError(Exception):
     """A problem with the user's input or environment (not a bug). Its message is one line."""
+
+
+def cause_in_brief(exc: BaseException, limit: int = 240) -> str:
+    """A library exception's first line for quoting inside one of our lines: whole sentences only
+    (a long line is cut after its last full sentence within `limit`, never mid-word)."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()  # no terminal colour codes
+    line = lines[0].strip() if lines else type(exc).__name__
+    if len(line) <= limit:
+        return line
+    end = max(line.rfind(". ", 0, limit), line.rfind("; ", 0, limit))
+    if end > 0:
+        return line[: end + 1].rstrip(";") + " ..."
+    return line  # one long sentence: whole, rather than cut in the middle
 
 
 def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:

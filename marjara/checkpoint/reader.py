@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from marjara.errors import MarjaraError
+from marjara.errors import MarjaraError, cause_in_brief
 
 
 def _deepspeed_globals() -> list:
@@ -36,13 +36,12 @@ def load_file(path: Path, deepspeed_objects: bool = False) -> dict:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MarjaraError(
-            f"cannot read {path}: the file is truncated or corrupt ({first_line[:160]}); "
+            f"cannot read {path}: the file is truncated or corrupt ({cause_in_brief(exc)}); "
             "convert another tag with --tag"
         ) from None
     except pickle.UnpicklingError as exc:
         raise MarjaraError(
-            f"cannot read {path} safely: it holds objects other than tensors ({str(exc).splitlines()[0][:160]}); "
+            f"cannot read {path} safely: it holds objects other than tensors ({cause_in_brief(exc)}); "
             "it was not written by the DeepSpeed version MARJARA supports"
         ) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,5 +196,8 @@ def _check(values: dict, given: dict) -> None:
     if values["moe_eval_routing"] not in EVAL_ROUTINGS:
         problems.append(f"--moe_eval_routing must be one of {', '.join(EVAL_ROUTINGS)} "
                         f"(got {values['moe_eval_routing']!r})")
+    for name in ("out_dir", "log_dir"):
+        if values[name] is not None and os.path.exists(values[name]) and not os.path.isdir(values[name]):
+            problems.append(f"--{name} {values[name]} is a file, not a folder; give a folder (it is created if missing)")
     if problems:
         raise MarjaraError("; ".join(problems))
