@@ -1,0 +1,96 @@
+"""The non-finite guard: steps whose loss or gradient norm is NaN/inf are not applied, counted,
+logged, and a run that keeps producing them stops before it can save non-finite weights.
+
+Where the step is skipped (bf16 and fp32; fp16 keeps DeepSpeed's dynamic loss scaling, whose
+overflow skips are routine and not counted here):
+
+- ZeRO 1-3 and DeepSpeed's bf16 optimizer already refuse a step whose global gradient norm is
+  not finite (they set `optimizer.overflow`; the engine then counts `skipped_steps` and holds the
+  scheduler back);
+- ZeRO-0 in fp32 runs the client optimizer directly: `GuardedAdamW` below does the same there.
+
+Detection costs no synchronisation per micro-batch: each micro-batch's loss is folded into a
+flag on the device, read once per optimizer step together with the engine's own count of
+skipped steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_MAX_BAD_STEPS = 5
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """torch's AdamW that does not step when the gradients hold NaN/inf, and says so through the
+    `overflow` attribute DeepSpeed's engine reads after every optimizer step."""
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        finite = finite.to(torch.int32)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # Expert gradients differ between ranks: every rank must take the same decision.
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        self.overflow = not bool(finite)  # the one read per optimizer step
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+@dataclass
+class NonFiniteGuard:
+    """Counts non-finite steps; `bad_in_a_row >= max_bad_steps` means the run must stop."""
+
+    max_bad_steps: int
+    enabled: bool = True
+    total: int = 0
+    in_a_row: int = 0
+    first_bad_step: int | None = None       # of the current streak
+    first_bad_sample: int | None = None     # global sample index where that streak's data begins
+    _loss_flag: torch.Tensor | None = field(default=None, repr=False)
+
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        """Fold a micro-batch's loss into the step's flag (on its device: no synchronisation)."""
+        if not self.enabled:
+            return
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._loss_flag = bad if self._loss_flag is None else self._loss_flag | bad
+
+    def end_step(self, step: int, first_sample: int, skipped_by_optimizer: bool) -> bool:
+        """Record optimizer step `step` (1-based) whose data began at global sample `first_sample`;
+        True when it was non-finite (its update was not applied where DeepSpeed allows skipping)."""
+        loss_bad = bool(self._loss_flag) if self._loss_flag is not None else False
+        self._loss_flag = None
+        if not self.enabled:
+            return False
+        bad = loss_bad or skipped_by_optimizer
+        if not bad:
+            self.in_a_row = 0
+            self.first_bad_step = self.first_bad_sample = None
+            return False
+        self.total += 1
+        if self.in_a_row == 0:
+            self.first_bad_step, self.first_bad_sample = step, first_sample
+        self.in_a_row += 1
+        return True
+
+    @property
+    def must_stop(self) -> bool:
+        return self.enabled and self.in_a_row >= self.max_bad_steps
+
+
+def weights_finite(tensors) -> bool:
+    """Whether every given tensor (this rank's weights or weight partitions) is finite, agreed by
+    all ranks: checked before every save so that non-finite weights are never written."""
+    flags = [torch.isfinite(t.detach()).all() for t in tensors if t is not None and t.numel()]
+    ok = torch.stack(flags).all().to(torch.int32) if flags else torch.tensor(1, dtype=torch.int32)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
