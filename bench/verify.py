@@ -84,7 +84,7 @@ def main() -> None:
     manifest = {}
 
     def build():
-        manifest.update(build_manifest(tag_dir, exclude={"marjara.json"}))
+        manifest.update(build_manifest(tag_dir))
 
     def load():
         for path in files:

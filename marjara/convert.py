@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -18,6 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 from marjara.checkpoint.format import Checkpoint, open_checkpoint
+from marjara.checkpoint.verify import check_checkpoint
 from marjara.model.config import ModelConfig
 from marjara.checkpoint.ema_reader import check_has_ema, ema_pieces
 from marjara.errors import cli_entry
@@ -57,6 +59,11 @@ class CheckpointWeights:
 def checkpoint_weights(ckpt_dir: str | os.PathLike, tag: str | None = None, ema: bool = False) -> CheckpointWeights:
     """Open and check a checkpoint (every input error is raised here, before anything is written)."""
     ckpt = open_checkpoint(ckpt_dir, tag)
+    # Every file against its checksum first: damage is named before any of it is read as weights.
+    # The check reads each file once; the conversion then reads them from the page cache.
+    if not check_checkpoint(ckpt, lambda intact: f"--tag {intact.tag}"):
+        print(f"note: {ckpt.tag_dir} was saved without checksums (format_version 1); reading it unverified",
+              file=sys.stderr)
     reader = ZeroCheckpointReader(ckpt)
     shapes = reader.shapes
     if ema:

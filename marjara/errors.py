@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 from typing import Callable
@@ -12,6 +13,15 @@ EXIT_USAGE = 2
 
 class MarjaraError(Exception):
     """A problem with the user's input or environment (not a bug). Its message is one line."""
+
+
+class AgreedError(MarjaraError):
+    """A MarjaraError every rank of a launched job raises alike, after agreeing on it (e.g. through
+    an all-reduce): only rank 0 prints it, the others exit with the same code quietly."""
+
+
+def _quiet_rank(exc: MarjaraError) -> bool:
+    return isinstance(exc, AgreedError) and os.environ.get("RANK", "0") != "0"
 
 
 def cause_in_brief(exc: BaseException, limit: int = 240) -> str:
@@ -35,7 +45,8 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
         try:
             return main(*args, **kwargs) or 0
         except MarjaraError as exc:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            if not _quiet_rank(exc):
+                print(f"error: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_USAGE) from None
 
     return wrapper

@@ -76,7 +76,7 @@ def test_a_meta_short_of_the_schema_is_refused_before_anything_is_written(tmp_pa
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("version", [2, None, "1"])
+@pytest.mark.parametrize("version", [3, None, "1"])
 def test_an_unknown_format_version_is_refused_by_resume_and_convert(tmp_path, version):
     save(FakeEngine(), tmp_path, 3)
     meta_path = tmp_path / "global_step3" / format.META_FILE
@@ -85,5 +85,5 @@ def test_an_unknown_format_version_is_refused_by_resume_and_convert(tmp_path, ve
     meta_path.write_text(json.dumps({**stored, "format_version": version}))
     for open_it in (find_resume_point, format.open_checkpoint):
         with pytest.raises(MarjaraError, match=f"has format_version {version!r}; this MARJARA reads checkpoints of "
-                                               "version 1"):
+                                               "version 1 and 2"):
             open_it(str(tmp_path))

@@ -11,13 +11,16 @@ CKPT_DIR/global_stepN/                 one checkpoint ("tag"):
                                        finished, so its presence marks the checkpoint complete
 CKPT_DIR/global_stepN_universal/       DeepSpeed's universal copy for another world size
 
-marjara.json (format_version 1):
+marjara.json (format_version 2; version 1, which lacks `files`, is still read, unverified):
     step, samples_consumed, tokens_seen, seq_len   where training stood
     model_config                       ModelConfig.to_dict() as trained (ep_size may be > 1)
     tokenizer, zero_stage, world_size  what reading the files needs
     dtype                              "fp32" | "bf16" | "fp16"
     ema                                null, or {"decay", "layout": one of EMA_LAYOUTS}
     train_args                         the flags, for the record
+    files                              the manifest: {"algorithm": "xxh3_64", "files": {name:
+                                       {"bytes": size, "xxh3_64": 16 hex digits}}} of every other
+                                       file of the tag (marjara.checkpoint.verify)
 
 A rank file holds {"rng": ..., "ema": {global name: fp32 tensor}, "ema_shapes": {name: shape}};
 the EMA layouts say how those tensors spread over ranks:
@@ -39,8 +42,10 @@ from pathlib import Path
 from marjara.errors import MarjaraError
 from marjara.model.config import ModelConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: written before manifests; loads unverified
 VERSION_KEY = "format_version"
+FILES_KEY = "files"
 LATEST = "latest"
 META_FILE = "marjara.json"
 UNIVERSAL_SUFFIX = "_universal"
@@ -107,12 +112,13 @@ def read_meta(tag_dir: Path, fix: str) -> dict:
     if not isinstance(meta, dict):
         raise MarjaraError(f"{path} is not a JSON object; it was not written by MARJARA's trainer, {fix}")
     version = meta.get(VERSION_KEY)
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise MarjaraError(
-            f"{path} has {VERSION_KEY} {version!r}; this MARJARA reads checkpoints of version {FORMAT_VERSION} "
-            "(use the MARJARA that wrote it)"
+            f"{path} has {VERSION_KEY} {version!r}; this MARJARA reads checkpoints of version "
+            f"{' and '.join(map(str, READABLE_VERSIONS))} (use the MARJARA that wrote it)"
         )
-    missing = [key for key in REQUIRED_KEYS if key not in meta]
+    required = REQUIRED_KEYS + ((FILES_KEY,) if version >= 2 else ())
+    missing = [key for key in required if key not in meta]
     if missing:
         raise MarjaraError(f"{path} lacks {', '.join(missing)}; it was not written by MARJARA's trainer, {fix}")
     return meta
@@ -146,6 +152,11 @@ class Checkpoint:
     @property
     def half_precision(self) -> bool:
         return self.meta["dtype"] in HALF_DTYPES
+
+    @property
+    def manifest(self) -> dict | None:
+        """Size and checksum of every file of the tag; None for a version-1 checkpoint."""
+        return self.meta.get(FILES_KEY)
 
     @property
     def ema_layout(self) -> str | None:

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from marjara.checkpoint.format import (LATEST, META_FILE, UNIVERSAL_DONE, Checkpoint, complete_tags, meta_json,
-                                       rank_file_name, tag_for, universal_tag_for)
+from marjara.checkpoint.format import (FILES_KEY, LATEST, META_FILE, UNIVERSAL_DONE, Checkpoint, complete_tags,
+                                       meta_json, rank_file_name, tag_for, universal_tag_for)
+from marjara.checkpoint.verify import build_manifest
 from marjara.errors import MarjaraError
 from marjara.fileio import atomic_path, write_json_atomic
 
@@ -68,6 +69,8 @@ def save(engine, out_dir: str | Path, step: int, meta: dict, rank_state: dict, k
     with atomic_path(tag_dir / rank_file_name(_rank())) as tmp:
         torch.save(rank_state, tmp)
     _barrier()
+    # Every file is written (and still in the page cache): hash each once, on one rank.
+    meta[FILES_KEY] = build_manifest(tag_dir)
     if _rank() == 0:
         write_json_atomic(tag_dir / META_FILE, meta)
         with atomic_path(out_dir / LATEST) as tmp:

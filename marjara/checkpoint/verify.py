@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+from marjara.checkpoint.format import META_FILE, Checkpoint, complete_tags, read_meta, tag_step
+from marjara.errors import AgreedError, MarjaraError
 
 ALGORITHM = "xxh3_64"
 _BLOCK = 8 << 20
@@ -40,9 +44,9 @@ def digest_file(path: Path) -> int:
     return hasher.intdigest()
 
 
-def tag_files(tag_dir: Path, exclude: set[str]) -> list[str]:
-    """Every file of the tag (relative paths, sorted), except `exclude` (the meta file itself)."""
-    return sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file() and p.name not in exclude)
+def tag_files(tag_dir: Path) -> list[str]:
+    """Every file of the tag (relative paths, sorted) but marjara.json, which holds the manifest."""
+    return sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file() and p.name != META_FILE)
 
 
 def _world() -> tuple[int, int]:
@@ -77,10 +81,10 @@ def _reduce(values: torch.Tensor, op) -> torch.Tensor:
     return on_device.cpu()
 
 
-def build_manifest(tag_dir: Path, exclude: set[str]) -> dict:
+def build_manifest(tag_dir: Path) -> dict:
     """{"algorithm", "files": {name: {"bytes", "xxh3_64"}}} of a saved tag; a collective."""
     rank, world = _world()
-    names = tag_files(tag_dir, exclude)
+    names = tag_files(tag_dir)
     sizes = [(tag_dir / name).stat().st_size for name in names]
     sums = torch.zeros(len(names), dtype=torch.int64)
     for index in _share(sizes, rank, world):
@@ -125,4 +129,34 @@ def find_damage(tag_dir: Path, manifest: dict) -> str | None:
             return f"{name} has {actual} bytes, {expected[index]} were saved (truncated or replaced)"
         if code == _WRONG_SUM:
             return f"{name} does not match its {ALGORITHM} checksum (its bytes changed after the save)"
+    return None
+
+
+def check_checkpoint(ckpt: Checkpoint, use_instead: Callable[[Checkpoint], str]) -> bool:
+    """Raise AgreedError naming the damaged or missing file, and the newest intact earlier tag
+    (`use_instead` words how to use it: --tag T, --resume DIR/T); a collective. Returns False for
+    a checkpoint saved without a manifest (format_version 1), which cannot be checked."""
+    if ckpt.manifest is None:
+        return False
+    problem = find_damage(ckpt.tag_dir, ckpt.manifest)
+    if problem is None:
+        return True
+    instead = newest_intact_before(ckpt)
+    advice = (f"use the newest intact earlier checkpoint: {use_instead(instead)}" if instead is not None
+              else "no earlier intact checkpoint is left in this folder")
+    raise AgreedError(f"checkpoint {ckpt.tag_dir} is damaged: {problem}; {advice}")
+
+
+def newest_intact_before(ckpt: Checkpoint) -> Checkpoint | None:
+    """The newest complete tag older than ckpt's whose files all match its manifest (a collective)."""
+    step = tag_step(ckpt.tag)
+    for tag in reversed(complete_tags(ckpt.ckpt_dir)):
+        if tag == ckpt.tag or (step is not None and (tag_step(tag) is None or tag_step(tag) >= step)):
+            continue
+        try:
+            candidate = Checkpoint(ckpt.ckpt_dir, tag, read_meta(ckpt.ckpt_dir / tag, ""))
+        except MarjaraError:
+            continue
+        if candidate.manifest is not None and find_damage(candidate.tag_dir, candidate.manifest) is None:
+            return candidate
     return None

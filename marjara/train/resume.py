@@ -9,14 +9,21 @@ from marjara.checkpoint import store as ckpt
 from marjara.checkpoint.ema_reader import ema_tensors
 from marjara.checkpoint.format import find_resume_point
 from marjara.compat import repair_universal_optimizer
-from marjara.errors import MarjaraError
+from marjara.checkpoint.verify import check_checkpoint
+from marjara.errors import AgreedError, MarjaraError
 from marjara.model.config import ModelConfig
 
 
 class Resume:
     def __init__(self, where: str, zero_stage: int, world: int, rank: int) -> None:
         self.where, self.zero_stage, self.world, self.rank = where, zero_stage, world, rank
-        self.point = find_resume_point(where)
+        try:
+            self.point = find_resume_point(where)  # every rank reads the same marjara.json: the same outcome
+        except MarjaraError as exc:
+            raise AgreedError(str(exc)) from None
+        # All ranks check the files against their checksums together, before any is loaded; a
+        # problem ends the run on every rank, printed once (by rank 0).
+        self.verified = check_checkpoint(self.point, lambda intact: f"--resume {intact.tag_dir}")
         self.meta = self.point.meta
         # ZeRO-1/2/3 partitions saved by another world size load through DeepSpeed's universal format.
         self.universal = zero_stage > 0 and self.meta["world_size"] != world
@@ -72,6 +79,7 @@ class Resume:
             else:
                 ema.load_full(ema_tensors(point))
         report.print(f"resumed from {point.tag_dir} at step {meta['step']} "
-                     f"({meta['samples_consumed']} samples consumed{', universal' if self.universal else ''})")
+                     f"({meta['samples_consumed']} samples consumed{', universal' if self.universal else ''}"
+                     f"{'' if self.verified else '; saved before checksums, loaded unverified'})")
         return meta["step"], meta["samples_consumed"]
 

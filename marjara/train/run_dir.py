@@ -11,23 +11,26 @@ metrics.jsonl, and tensorboard is told to purge them from its view (`purge_step`
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
+from marjara.checkpoint.format import LATEST, UNIVERSAL_SUFFIX, tag_step
 from marjara.errors import MarjaraError
 from marjara.fileio import atomic_path
 
 METRICS_FILE = "metrics.jsonl"
-_TAG = re.compile(r"^global_step\d+(_universal)?$")
+
+
+def _is_tag(name: str) -> bool:
+    return tag_step(name.removesuffix(UNIVERSAL_SUFFIX)) is not None
 
 
 def previous_run(out_dir: Path, log_dir: Path) -> list[str]:
     """What of an earlier run the folder holds (empty: nothing)."""
     found = []
-    if (out_dir / "latest").is_file():
-        found.append("latest")
-    tags = sorted(p.name for p in out_dir.iterdir() if p.is_dir() and _TAG.match(p.name)) if out_dir.is_dir() else []
+    if (out_dir / LATEST).is_file():
+        found.append(LATEST)
+    tags = sorted(p.name for p in out_dir.iterdir() if p.is_dir() and _is_tag(p.name)) if out_dir.is_dir() else []
     if tags:
         found.append(f"{len(tags)} checkpoint tag(s) ({tags[-1]} ...)")
     metrics = out_dir / METRICS_FILE
@@ -51,9 +54,9 @@ def claim(out_dir: str, log_dir: str, resuming: bool, overwrite: bool) -> None:
             f"--out_dir {out_dir} holds another run ({', '.join(found)}); continue it with --resume {out_dir}, "
             "choose another --out_dir, or pass --overwrite to delete it"
         )
-    (out / "latest").unlink(missing_ok=True)  # first: the folder never names a tag being deleted
+    (out / LATEST).unlink(missing_ok=True)  # first: the folder never names a tag being deleted
     for child in out.iterdir() if out.is_dir() else []:
-        if child.is_dir() and _TAG.match(child.name):
+        if child.is_dir() and _is_tag(child.name):
             shutil.rmtree(child)
     (out / METRICS_FILE).unlink(missing_ok=True)
     if logs.is_dir():
