@@ -87,3 +87,19 @@ def test_an_unknown_format_version_is_refused_by_resume_and_convert(tmp_path, ve
         with pytest.raises(MarjaraError, match=f"has format_version {version!r}; this MARJARA reads checkpoints of "
                                                "version 1 and 2"):
             open_it(str(tmp_path))
+
+
+def test_the_manifest_lists_every_file_but_marjara_json_and_version_1_reads_unverified(tmp_path):
+    from marjara.checkpoint.verify import check_checkpoint
+
+    save(FakeEngine(), tmp_path, 5)
+    point = find_resume_point(str(tmp_path))
+    assert sorted(point.manifest["files"]) == ["marjara_rank0.pt", "mp_rank_00_model_states.pt"]
+    assert check_checkpoint(point, lambda c: c.tag) is True
+    meta_path = tmp_path / "global_step5" / format.META_FILE
+    old = {k: v for k, v in json.loads(meta_path.read_text()).items() if k != format.FILES_KEY}
+    meta_path.write_text(json.dumps({**old, "format_version": 1}))
+    assert check_checkpoint(find_resume_point(str(tmp_path)), lambda c: c.tag) is False
+    meta_path.write_text(json.dumps({**old, "format_version": 2}))  # version 2 must carry its manifest
+    with pytest.raises(MarjaraError, match="lacks files"):
+        find_resume_point(str(tmp_path))
