@@ -129,7 +129,7 @@ def test_a_checkpoint_of_an_unknown_format_version_is_refused(tmp_path):
     result = run_train(RUN + ["--out_dir", str(tmp_path / "o"), "--resume", str(ck)], check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: ") and "has format_version 99; this MARJARA reads checkpoints of version 1" \
+    assert lines[-1].startswith("error: ") and "has format_version 99; this MARJARA reads checkpoints of version 1 and 2" \
         in lines[-1], lines[-1]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "o" / "latest").exists()
