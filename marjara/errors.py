@@ -9,6 +9,7 @@ import sys
 from typing import Callable
 
 EXIT_USAGE = 2
+EXIT_NON_FINITE = 3
 
 
 class MarjaraError(Exception):
@@ -18,6 +19,12 @@ class MarjaraError(Exception):
 class AgreedError(MarjaraError):
     """A MarjaraError every rank of a launched job raises alike, after agreeing on it (e.g. through
     an all-reduce): only rank 0 prints it, the others exit with the same code quietly."""
+
+
+class TrainingDiverged(AgreedError):
+    """Training stopped on non-finite losses or weights (marjara/train/nonfinite.py): exit 3."""
+
+    exit_code = EXIT_NON_FINITE
 
 
 def _quiet_rank(exc: MarjaraError) -> bool:
@@ -47,6 +54,6 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
         except MarjaraError as exc:
             if not _quiet_rank(exc):
                 print(f"error: {exc}", file=sys.stderr, flush=True)
-            raise SystemExit(EXIT_USAGE) from None
+            raise SystemExit(getattr(exc, "exit_code", EXIT_USAGE)) from None
 
     return wrapper

@@ -81,6 +81,18 @@ def _case_nul_bytes_train(tmp):
     return _train("--data", str(tmp / "blob.txt"), "--out_dir", str(tmp / "out"))
 
 
+def _old_run(folder: Path) -> Path:
+    (folder / "global_step20").mkdir(parents=True)
+    (folder / "global_step20" / "marjara.json").write_text("{}")
+    (folder / "latest").write_text("global_step20")
+    (folder / "metrics.jsonl").write_text('{"step": 20, "train/loss": 3.0}\n')
+    return folder
+
+
+def _case_fresh_run_into_another_runs_folder(tmp):
+    return _train("--out_dir", str(_old_run(tmp / "ck")))
+
+
 def _case_hostfile_superscript(tmp):
     (tmp / "hostfile").write_text("localhost slots=\u00b2\n")
     return [PYTHON, "-m", "marjara.preflight", "--hostfile", str(tmp / "hostfile"), "--skip_ssh"]
@@ -102,6 +114,9 @@ CASES = {
     "ds_range_inside_block": (_case_ds({"zero_optimization": {"stage": 2, "reduce_bucket_size": -5}}),
                               '"zero_optimization.reduce_bucket_size": Input should be greater than 0 (got -5)'),
     "out_dir_is_a_file": (_case_out_dir_is_a_file, "afile is a file, not a folder"),
+    "fresh_run_into_another_runs_folder": (_case_fresh_run_into_another_runs_folder,
+                                           "ck holds another run (latest, 1 checkpoint tag(s) (global_step20 ...), "
+                                           "metrics.jsonl); continue it with --resume"),
     "prepared_folder_without_val_bin": (_case_val_bin_deleted, "val.bin is missing, but"),
     "unknown_tokenizer_in_meta": (_case_unknown_tokenizer_in_meta, "meta.json: unknown tokenizer 'gtp2'"),
     "nul_bytes_prepare": (_case_nul_bytes_prepare, "blob.txt, line 2: a NUL byte at byte 16: this is binary data"),
@@ -123,7 +138,10 @@ def test_bad_input_stops_with_one_line(name, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert expected in lines[0]
-    assert not list((tmp_path / "out").glob("*/marjara.json")), "a refused run saves nothing"
+    assert not (tmp_path / "out").exists(), "a refused run writes nothing"
+    if (tmp_path / "ck").exists():  # the other run's folder is left as it was
+        assert (tmp_path / "ck" / "metrics.jsonl").read_text() == '{"step": 20, "train/loss": 3.0}\n'
+        assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["global_step20", "latest", "metrics.jsonl"]
     assert not (tmp_path / "prepared").exists()
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import QUICK, ROOT, TRAIN, free_port, run_train
+from train_helpers import QUICK, ROOT, run_ranks, run_train
 
 DAMAGED, INTACT = "global_step4", "global_step2"
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -44,28 +44,6 @@ def flip(path: Path) -> None:
 
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def run_ranks(args: list[str], world: int, timeout: int = 300) -> list[subprocess.CompletedProcess]:
-    """train.py on `world` ranks started directly (as a launcher would), each with its own output."""
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": str(rank),
-               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, TRAIN, *args], env=env, cwd=ROOT, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    results = []
-    for rank, proc in enumerate(procs):
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
-            raise
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
-    return results
 
 
 def assert_refused_once(results, expected: str) -> None:

@@ -31,3 +31,16 @@ def test_a_finished_two_rank_run_removes_its_shared_memory_buffers(tmp_path):
     finally:
         for path in shm_buffers(port):
             path.unlink()
+
+
+def test_overwrite_replaces_another_run_and_nothing_of_it_mixes_in(tmp_path):
+    from test_bad_inputs import _old_run
+    from train_helpers import metrics, run_train
+
+    out = _old_run(tmp_path / "ck")
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events.out.tfevents.1.old").write_bytes(b"old run")
+    run_train([*QUICK, "--max_steps", "2", "--out_dir", str(out), "--overwrite"])
+    assert (out / "latest").read_text().strip() == "global_step2"
+    assert not (out / "global_step20").exists() and not (out / "tensorboard" / "events.out.tfevents.1.old").exists()
+    assert [m["step"] for m in metrics(out) if "train/loss" in m] == [1, 2]

@@ -70,3 +70,26 @@ def ema_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     shapes = {name: torch.Size(shape) for state in states for name, shape in state["ema_shapes"].items()}
     return {name: torch.cat([state["ema"][name].reshape(-1) for state in states])[: shape.numel()].reshape(shape)
             for name, shape in shapes.items()}
+
+
+def run_ranks(args: list[str], world: int, timeout: int = 300, script: str = TRAIN) -> list[subprocess.CompletedProcess]:
+    """`script` on `world` ranks started directly (as a launcher would), each with its own output."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, script, *args], env=env, cwd=ROOT, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    results = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results

@@ -57,7 +57,10 @@ def build_engine(model: MarjaraModel, cfg: TrainConfig, ds_config: dict):
     """The DeepSpeed engine around the model -> (engine, each parameter group's hyper-parameters).
     Without an optimizer / scheduler in the JSON, MARJARA's AdamW and warmup + cosine are used."""
     groups = parameter_groups(model, cfg.weight_decay)
-    optimizer = None if cfg.optimizer_in_json else build_adamw(groups, cfg)
+    # ZeRO-0 in fp32 is the one case where DeepSpeed runs the client optimizer without checking the
+    # gradient norm itself (see marjara/train/nonfinite.py).
+    skip = cfg.zero_stage == 0 and cfg.mixed_precision == "fp32"
+    optimizer = None if cfg.optimizer_in_json else build_adamw(groups, cfg, skip_non_finite=skip)
     scheduler = None
     if not cfg.scheduler_in_json:
         def scheduler(opt):

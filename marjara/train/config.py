@@ -17,6 +17,7 @@ from marjara.data.mixture_spec import parse_data_arg
 from marjara.errors import MarjaraError
 from marjara.model.config import PRESETS, ModelConfig
 from marjara.model.ffn import EVAL_ROUTINGS
+from marjara.train.nonfinite import DEFAULT_MAX_BAD_STEPS
 
 _MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
@@ -103,6 +104,13 @@ class TrainConfig:
     keep_last: int = setting(3, "checkpoints kept (the one `latest` names always is); 0 keeps all", group="run")
     resume: str | None = setting(None, "checkpoint folder (uses `latest`) or folder/TAG to resume from", group="run",
                                  shown="start afresh")
+    overwrite: bool = setting(False, "a fresh run into an --out_dir holding another run deletes that run's "
+                              "checkpoints, metrics and events first (without it, such a run is refused)", group="run")
+    skip_samples: int = setting(0, "step over this many samples of the data stream where the run starts (e.g. "
+                                "past data that made the loss non-finite); exact on any world size", group="run")
+    max_bad_steps: int = setting(DEFAULT_MAX_BAD_STEPS, "stop after this many optimizer steps in a row with a "
+                                 "non-finite loss or gradient norm (each is skipped, not applied); bf16/fp32 only, "
+                                 "fp16 keeps DeepSpeed's loss scaling", group="run")
     sample_tokens: int = setting(200, "tokens of the sample printed at the end; 0: none", group="run")
     peak_tflops: float | None = setting(None, "peak TFLOP/s of one device for MFU", group="run", type=float,
                                         shown="known GPUs' bf16 peak, on CPU a matmul measured at start")
@@ -172,10 +180,11 @@ def _check(values: dict, given: dict) -> None:
     checked where it is merged)."""
     parse_data_arg(values["data"])  # a malformed mixture stops here, before any process group starts
     problems = []
-    for name in ("max_steps", "log_interval", "eval_batches"):
+    for name in ("max_steps", "log_interval", "eval_batches", "max_bad_steps"):
         if values[name] < 1:
             problems.append(f"--{name} must be >= 1 (got {values[name]})")
-    for name in ("warmup_steps", "eval_interval", "save_interval", "keep_last", "sample_tokens", "weight_decay"):
+    for name in ("warmup_steps", "eval_interval", "save_interval", "keep_last", "sample_tokens", "weight_decay",
+                 "skip_samples"):
         if values[name] < 0:
             problems.append(f"--{name} must be >= 0 (got {values[name]})")
     if values["seq_len"] is not None and values["seq_len"] < 1:

@@ -8,6 +8,7 @@ verify_replicas and print_sample.
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -19,9 +20,12 @@ from marjara.train.build import build_engine, build_model, compile_model, model_
 from marjara.train.config import TrainConfig
 from marjara.train.ema import WeightEMA
 from marjara.train.evaluator import Evaluator
+from marjara.errors import EXIT_NON_FINITE
 from marjara.train.metrics import Reporter, device_peak_tflops
+from marjara.train.nonfinite import NonFiniteGuard, stop_line
 from marjara.train.replicas import verify_replicas
 from marjara.train.resume import Resume
+from marjara.train.run_dir import METRICS_FILE, claim_agreed
 from marjara.train.sample import print_sample
 from marjara.train.saver import Saver
 from marjara.train.signals import StopRequests
@@ -36,14 +40,17 @@ class Learner:
         quiet_libraries(self.rank)
         ds_config = cfg.engine_config(self.world)
         resume = Resume(cfg.resume, cfg.zero_stage, self.world, self.rank) if cfg.resume else None
-        self.report = Reporter(self.rank == 0, cfg.log_dir, Path(cfg.out_dir) / "metrics.jsonl", cfg.max_steps,
-                               resume.step if resume else 0)
+        self.resumed_from = resume.point if resume else None
 
         self.data = open_data(cfg.data, cfg.seq_len, cfg.tokenizer)
         self.config = model_config(cfg, self.data.vocab_size)
         self.data.check_model_vocab(self.config.vocab_size)
         if resume:
             resume.check_compatible(self.config, self.data.tokenizer_name)
+        # Every input is checked by now: a refused run has written nothing. One run per folder.
+        claim_agreed(cfg.out_dir, cfg.log_dir, self.resumed_from, cfg.overwrite, self.rank, self.world)
+        self.report = Reporter(self.rank == 0, cfg.log_dir, Path(cfg.out_dir) / METRICS_FILE, cfg.max_steps,
+                               resume.step if resume else 0, resumed=resume is not None)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(self.config, cfg.grad_checkpointing, ds_config)
@@ -51,6 +58,11 @@ class Learner:
         self.model = self.engine.module
         self.ema = WeightEMA(self.model, cfg.ema_decay, cfg.zero_stage) if cfg.ema_decay > 0 else None
         self.step, samples_consumed = resume.load(self.engine, self.ema, group_hparams, self.report) if resume else (0, 0)
+        if cfg.skip_samples:
+            self.report.print(f"--skip_samples {cfg.skip_samples}: stepping over global samples {samples_consumed}.."
+                              f"{samples_consumed + cfg.skip_samples - 1}")
+            samples_consumed += cfg.skip_samples
+        self.guard = NonFiniteGuard(cfg.max_bad_steps, enabled=cfg.mixed_precision != "fp16")
         self.stream = TrainStream(self.data.train, cfg.seed, cfg.batch_size, cfg.grad_accum, self.rank, self.world,
                                   samples_consumed)
         val_sets = ([(name, weight, validation_batches(dataset, cfg.batch_size, cfg.eval_batches, self.rank, self.world))
@@ -72,16 +84,22 @@ class Learner:
         with StopRequests(self.world) as stop:
             self.meter = self._start()
             while self.step < cfg.max_steps:
+                skipped_before, first_sample = self.engine.skipped_steps, self.stream.samples_consumed
                 self.train_step()
                 self.step += 1
                 last = self.step == cfg.max_steps
+                if self.guard.end_step(self.step, first_sample, self.engine.skipped_steps > skipped_before):
+                    self._report_bad_step()
+                if self.guard.must_stop:  # every rank agrees; the run ends the usual way, with exit code 3
+                    return self._stop_non_finite()
                 if self.ema is not None:
                     self.ema.update()
                 self.report.advance()
                 self.meter.end_step(self.step, log=self.step % cfg.log_interval == 0 or last)
                 if cfg.eval_interval > 0 and (self.step % cfg.eval_interval == 0 or last):
                     self.evaluator.run(self.step)
-                if cfg.save_interval > 0 and self.step % cfg.save_interval == 0:
+                # Not in the middle of a non-finite streak: `latest` keeps naming the last good step.
+                if cfg.save_interval > 0 and self.step % cfg.save_interval == 0 and not self.guard.in_a_row:
                     self.saver.save(self.step, self.stream.samples_consumed)
                 signum = stop.agreed()
                 if signum:
@@ -99,6 +117,7 @@ class Learner:
         for _ in range(self.cfg.grad_accum):
             x, y = self.stream.next_micro_batch()
             _, loss = engine(x.to(engine.device), y.to(engine.device))
+            self.guard.observe_loss(loss)  # on the device: no synchronisation per micro-batch
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary():
                 self.meter.before_optimizer_step()
@@ -122,6 +141,19 @@ class Learner:
             self.report.print(f"mixture: {self.data.train.summary(samples)}")
         return StepMeter(self.engine, self.model, self.report, self.world, tokens_per_step,
                          self.model.flops_per_token(cfg.seq_len), peak, cfg.mixed_precision, cfg.zero_stage)
+
+    def _report_bad_step(self) -> None:
+        g = self.guard
+        self.report.log(self.step, {"train/non_finite_steps": g.total})
+        self.report.print(f"step {self.step:>6} | non-finite loss or gradient norm: update skipped "
+                          f"({g.in_a_row} in a row of at most {g.max_bad_steps}, {g.total} in this run)")
+
+    def _stop_non_finite(self) -> int:
+        if self.rank == 0:
+            line = stop_line(self.guard, self.step, self.stream.samples_consumed, self.cfg.out_dir, self.resumed_from)
+            print(f"error: {line}", file=sys.stderr, flush=True)
+        self.report.close()
+        return EXIT_NON_FINITE
 
     def _stop(self, signum: int) -> int:
         self.saver.save_unless_saved(self.step, self.stream.samples_consumed)

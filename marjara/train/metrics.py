@@ -40,7 +40,8 @@ def device_peak_tflops(override: float | None) -> tuple[float, str]:
 class Reporter:
     """Rank 0 writes; every other rank's instance does nothing."""
 
-    def __init__(self, enabled: bool, log_dir: str, metrics_path: Path, total_steps: int, start_step: int) -> None:
+    def __init__(self, enabled: bool, log_dir: str, metrics_path: Path, total_steps: int, start_step: int,
+                 resumed: bool = False) -> None:
         self.enabled = enabled
         self.writer = None
         self.bar = None
@@ -49,7 +50,9 @@ class Reporter:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=log_dir)
+        # A resumed run continues the folder's events; tensorboard hides those after the step it
+        # resumes from (an abandoned continuation's).
+        self.writer = SummaryWriter(log_dir=log_dir, purge_step=start_step + 1 if resumed else None)
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         self.metrics_file = open(metrics_path, "a")
         if sys.stdout.isatty():

@@ -66,10 +66,13 @@ class NonFiniteGuard:
     def end_step(self, step: int, first_sample: int, skipped_by_optimizer: bool) -> bool:
         """Record optimizer step `step` (1-based) whose data began at global sample `first_sample`;
         True when it was non-finite (its update was not applied where DeepSpeed allows skipping)."""
-        loss_bad = bool(self._loss_flag) if self._loss_flag is not None else False
-        self._loss_flag = None
         if not self.enabled:
             return False
+        loss_bad = self._loss_flag.to(torch.int32) if self._loss_flag is not None else torch.tensor(0, dtype=torch.int32)
+        self._loss_flag = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(loss_bad, op=dist.ReduceOp.MAX)  # every rank takes the same decision
+        loss_bad = bool(loss_bad)  # the one read per optimizer step
         bad = loss_bad or skipped_by_optimizer
         if not bad:
             self.in_a_row = 0
@@ -94,3 +97,25 @@ def weights_finite(tensors) -> bool:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok)
+
+
+def stop_line(guard: NonFiniteGuard, step: int, samples_now: int, out_dir: str, resumed_from=None) -> str:
+    """The one line a stopped run ends with: what happened, that nothing was saved, and how to
+    resume past the data that blew up (--skip_samples counts from the checkpoint resumed)."""
+    from pathlib import Path
+
+    from marjara.checkpoint.format import LATEST, is_checkpoint_dir, latest_tag, read_meta
+
+    what = (f"stopped at step {step}: {guard.in_a_row} steps in a row with a non-finite loss or gradient norm "
+            f"(--max_bad_steps {guard.max_bad_steps}), from step {guard.first_bad_step} on (global sample "
+            f"{guard.first_bad_sample}); none was applied and nothing was saved")
+    out = Path(out_dir)
+    tag = latest_tag(out) if is_checkpoint_dir(out) else None
+    if tag is not None and (out / tag).is_dir():
+        done = read_meta(out / tag, "")["samples_consumed"]
+        return (f"{what}; {out_dir}/{LATEST} still names {tag}: to step over the data that blew up, resume with "
+                f"--resume {out_dir} --skip_samples {samples_now - done}")
+    if resumed_from is not None:
+        return (f"{what}; to step over the data that blew up, resume with --resume {resumed_from.tag_dir} "
+                f"--skip_samples {samples_now - resumed_from.meta['samples_consumed']}")
+    return f"{what}; no checkpoint exists yet: start again with --overwrite --skip_samples {samples_now}"

@@ -25,9 +25,14 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_adamw(groups: list[dict], cfg) -> torch.optim.Optimizer:
-    """torch's AdamW over `groups` with the lr, betas and eps of `cfg` (a TrainConfig)."""
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=torch.cuda.is_available())
+def build_adamw(groups: list[dict], cfg, skip_non_finite: bool = False) -> torch.optim.Optimizer:
+    """torch's AdamW over `groups` with the lr, betas and eps of `cfg` (a TrainConfig).
+    skip_non_finite: an AdamW that refuses steps with NaN/inf gradients, for where DeepSpeed runs
+    the client optimizer itself (ZeRO-0 in fp32; see marjara/train/nonfinite.py)."""
+    from marjara.train.nonfinite import GuardedAdamW
+
+    kind = GuardedAdamW if skip_non_finite else torch.optim.AdamW
+    return kind(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=torch.cuda.is_available())
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:

@@ -41,19 +41,16 @@ def previous_run(out_dir: Path, log_dir: Path) -> list[str]:
     return found
 
 
-def claim(out_dir: str, log_dir: str, resuming: bool, overwrite: bool) -> None:
-    """Refuse or clear a folder holding another run (rank 0 calls this before anything is written)."""
+def refuse(out_dir: str, found: list[str]) -> MarjaraError:
+    return MarjaraError(
+        f"--out_dir {out_dir} holds another run ({', '.join(found)}); continue it with --resume {out_dir}, "
+        "choose another --out_dir, or pass --overwrite to delete it"
+    )
+
+
+def clear(out_dir: str, log_dir: str) -> None:
+    """Delete a previous run's checkpoints, `latest`, metrics and events (other files stay)."""
     out, logs = Path(out_dir), Path(log_dir)
-    if resuming:
-        return
-    found = previous_run(out, logs)
-    if not found:
-        return
-    if not overwrite:
-        raise MarjaraError(
-            f"--out_dir {out_dir} holds another run ({', '.join(found)}); continue it with --resume {out_dir}, "
-            "choose another --out_dir, or pass --overwrite to delete it"
-        )
     (out / LATEST).unlink(missing_ok=True)  # first: the folder never names a tag being deleted
     for child in out.iterdir() if out.is_dir() else []:
         if child.is_dir() and _is_tag(child.name):
@@ -62,6 +59,18 @@ def claim(out_dir: str, log_dir: str, resuming: bool, overwrite: bool) -> None:
     if logs.is_dir():
         for events in logs.rglob("events.out.tfevents.*"):
             events.unlink()
+
+
+def claim(out_dir: str, log_dir: str, resuming: bool, overwrite: bool) -> None:
+    """Refuse or clear a folder holding another run (single process; the Learner does the same
+    with every rank agreeing)."""
+    if resuming:
+        return
+    found = previous_run(Path(out_dir), Path(log_dir))
+    if found and not overwrite:
+        raise refuse(out_dir, found)
+    if found:
+        clear(out_dir, log_dir)
 
 
 def continue_metrics(out_dir: str, resume_step: int) -> None:
@@ -79,3 +88,26 @@ def continue_metrics(out_dir: str, resume_step: int) -> None:
             kept.append(line)
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))
+
+
+def claim_agreed(out_dir: str, log_dir: str, resumed_from, overwrite: bool, rank: int, world: int) -> None:
+    """claim() for a multi-rank run: every rank reads the same folder and comes to the same answer
+    (a refusal is raised on all of them, printed by rank 0); rank 0 alone clears the folder
+    (--overwrite) or trims the metrics of the run it continues."""
+    import torch.distributed as dist
+
+    from marjara.errors import AgreedError
+
+    same_run = resumed_from is not None and Path(out_dir).resolve() == resumed_from.ckpt_dir.resolve()
+    found = [] if same_run else previous_run(Path(out_dir), Path(log_dir))
+    if found and not overwrite:
+        raise AgreedError(str(refuse(out_dir, found)))
+    if overwrite:
+        if world > 1:
+            dist.barrier()  # every rank has looked before rank 0 deletes
+        if found and rank == 0:
+            clear(out_dir, log_dir)
+        if world > 1:
+            dist.barrier()
+    if same_run and rank == 0:
+        continue_metrics(out_dir, resumed_from.meta["step"])
