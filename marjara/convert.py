@@ -41,6 +41,7 @@ class CheckpointWeights:
     shapes: dict[str, torch.Size]
     pieces: Callable[[], Iterator[Piece]]
     ema: bool
+    verified: bool  # False: saved before checksums (format_version 1), read unverified
 
     @property
     def source(self) -> dict:
@@ -61,9 +62,7 @@ def checkpoint_weights(ckpt_dir: str | os.PathLike, tag: str | None = None, ema:
     ckpt = open_checkpoint(ckpt_dir, tag)
     # Every file against its checksum first: damage is named before any of it is read as weights.
     # The check reads each file once; the conversion then reads them from the page cache.
-    if not check_checkpoint(ckpt, lambda intact: f"--tag {intact.tag}"):
-        print(f"note: {ckpt.tag_dir} was saved without checksums (format_version 1); reading it unverified",
-              file=sys.stderr)
+    verified = check_checkpoint(ckpt, lambda intact: f"--tag {intact.tag}")
     reader = ZeroCheckpointReader(ckpt)
     shapes = reader.shapes
     if ema:
@@ -79,14 +78,18 @@ def checkpoint_weights(ckpt_dir: str | os.PathLike, tag: str | None = None, ema:
         def pieces() -> Iterator[Piece]:
             yield from reader.pieces()
 
-    return CheckpointWeights(ckpt, ckpt.config.replace(ep_size=1), shapes, pieces, ema)
+    return CheckpointWeights(ckpt, ckpt.config.replace(ep_size=1), shapes, pieces, ema, verified)
 
 
 def convert(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tag: str | None = None, ema: bool = False,
             dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
     weights = checkpoint_weights(ckpt_dir, tag, ema)
     config_json = export_config(weights.config, weights.tokenizer, weights.source, dtype)
-    return write_export(out_dir, weights.shapes, weights.pieces(), config_json, weights.describe(), overwrite)
+    out = write_export(out_dir, weights.shapes, weights.pieces(), config_json, weights.describe(), overwrite)
+    if not weights.verified:
+        print(f"note: {weights.ckpt.tag_dir} was saved without checksums (format_version 1) and was read "
+              "unverified", file=sys.stderr)
+    return out
 
 
 def load_checkpoint_model(ckpt_dir: str | os.PathLike, tag: str | None = None, ema: bool = False,

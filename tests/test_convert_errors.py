@@ -59,7 +59,14 @@ def test_missing_rank_file(capsys, zero3_copy, zero2_copy, tmp_path):
 def test_truncated_file(capsys, zero3_copy, zero2_copy, tmp_path):
     for path in (zero3_copy / "global_step2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt",
                  zero2_copy / "global_step2" / "mp_rank_00_model_states.pt"):
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        size = path.stat().st_size
+        path.write_bytes(path.read_bytes()[: size // 2])
+        refuse(capsys, [path.parents[1], tmp_path / "out"],
+               f"{path.parent} is damaged: {path.name} has {size // 2} bytes, {size} were saved (truncated or replaced)")
+        # A checkpoint saved before manifests (format_version 1) meets the reader's own check.
+        meta_path = path.parent / "marjara.json"
+        meta = {k: v for k, v in json.loads(meta_path.read_text()).items() if k != "files"}
+        meta_path.write_text(json.dumps({**meta, "format_version": 1}))
         refuse(capsys, [path.parents[1], tmp_path / "out"], f"cannot read {path}: the file is truncated or corrupt")
     assert not (tmp_path / "out").exists()
 
