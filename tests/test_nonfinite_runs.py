@@ -96,3 +96,10 @@ def test_a_poisoned_stretch_stops_the_run_and_resume_skips_past_it(tmp_path, sta
     assert sorted(after) == list(range(1, 11)) and all(np.isfinite(after[s]) for s in range(4, 11))
     assert [r["step"] for r in metrics(out) if "train/non_finite_steps" in r] == [LONE_BAD_STEP]
     assert (out / "latest").read_text().strip() == "global_step10"
+    # So did the tensorboard events: the stopped run's steps 5-7 are purged from their view.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 11))
+    assert all(np.isfinite(e.value) for e in events.Scalars("train/loss") if e.step > LONE_BAD_STEP)
