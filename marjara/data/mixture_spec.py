@@ -1,4 +1,4 @@
-"""What `--data` names: nothing, one path, WEIGHT PATH pairs, or a mixture file; and opening a mixture.
+"""What `--data` names: nothing, one path, WEIGHT PATH pairs, or a mixture file (opened by source.py).
 
     --data data/web                              one source (see source.py for what a path may be)
     --data 0.7 data/web 0.3 data/code            a mixture; each source is named after its path
@@ -19,8 +19,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from marjara.data.datasets import TokenDataset
-from marjara.data.mixture import Mixture
 from marjara.errors import MarjaraError
 
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -105,29 +103,3 @@ def _checked(specs: list[SourceSpec], where: str, fix: str = "") -> list[SourceS
             raise MarjaraError(f"{where}: two sources are named {spec.name!r}; {fix or 'names must differ'}")
         seen.add(spec.name)
     return specs
-
-
-def open_mixture(specs: list[SourceSpec], seq_len: int, tokenizer: str | None = None):
-    """A DataSource whose train is a Mixture and whose val_sets hold each source's validation set."""
-    from marjara.data.source import DataSource, open_data
-
-    opened = []
-    for spec in specs:
-        if not Path(spec.path).exists():
-            raise MarjaraError(f"data source {spec.name}: path {spec.path} does not exist; give a folder made by "
-                               "python -m marjara.prepare or a .bin")
-        opened.append(open_data(spec.path, seq_len, tokenizer))
-    first = opened[0]
-    for spec, src in zip(specs[1:], opened[1:]):
-        if (src.tokenizer_name, src.vocab_size) != (first.tokenizer_name, first.vocab_size):
-            raise MarjaraError(
-                f"data source {spec.name} ({src.description}) uses tokenizer {src.tokenizer_name!r} "
-                f"({src.vocab_size} tokens) but {specs[0].name} ({first.description}) uses "
-                f"{first.tokenizer_name!r} ({first.vocab_size} tokens); prepare every source with the same tokenizer"
-            )
-    mixture = Mixture([s.name for s in specs], [s.weight for s in specs], [src.train for src in opened])
-    val_sets: list[tuple[str, float, TokenDataset]] = [
-        (spec.name, weight, src.val) for spec, weight, src in zip(specs, mixture.weights, opened)]
-    description = "mixture of " + ", ".join(f"{s.name}={s.path}" for s in specs)
-    return DataSource(mixture, None, first.tokenizer_name, first.vocab_size, description, None, first._tokenizer,
-                      val_sets=val_sets)

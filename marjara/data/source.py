@@ -21,7 +21,7 @@ from marjara.data.corpus import DEFAULT_CORPUS_NAME, DEFAULT_CORPUS_TOKENIZER, d
 from marjara.data.datasets import MMapSliceDataset, TextDataset, TokenDataset, tokenize_documents
 from marjara.data.documents import read_text_file
 from marjara.data.mixture import Mixture
-from marjara.data.mixture_spec import SourceSpec, open_mixture, parse_data_arg
+from marjara.data.mixture_spec import SourceSpec, parse_data_arg
 from marjara.data.formats import expected_token_count, open_token_file, recorded_max_token_id, token_file_info
 from marjara.errors import MarjaraError
 from marjara.data.tokenizer import Tokenizer, check_tokenizer_name, get_tokenizer, token_dtype_name
@@ -183,3 +183,27 @@ def _split_windows(tokens: np.memmap, seq_len: int, bin_path: Path,
     train = MMapSliceDataset(tokens, seq_len, f"{bin_path} (train windows)", 0, cut + 1, vocab_size)
     val = MMapSliceDataset(tokens, seq_len, f"{bin_path} (last {n_val} windows, val)", cut, vocab_size=vocab_size)
     return train, val
+
+
+def open_mixture(specs: list[SourceSpec], seq_len: int, tokenizer: str | None = None):
+    """A DataSource whose train is a Mixture and whose val_sets hold each source's validation set."""
+    opened = []
+    for spec in specs:
+        if not Path(spec.path).exists():
+            raise MarjaraError(f"data source {spec.name}: path {spec.path} does not exist; give a folder made by "
+                               "python -m marjara.prepare or a .bin")
+        opened.append(open_data(spec.path, seq_len, tokenizer))
+    first = opened[0]
+    for spec, src in zip(specs[1:], opened[1:]):
+        if (src.tokenizer_name, src.vocab_size) != (first.tokenizer_name, first.vocab_size):
+            raise MarjaraError(
+                f"data source {spec.name} ({src.description}) uses tokenizer {src.tokenizer_name!r} "
+                f"({src.vocab_size} tokens) but {specs[0].name} ({first.description}) uses "
+                f"{first.tokenizer_name!r} ({first.vocab_size} tokens); prepare every source with the same tokenizer"
+            )
+    mixture = Mixture([s.name for s in specs], [s.weight for s in specs], [src.train for src in opened])
+    val_sets: list[tuple[str, float, TokenDataset]] = [
+        (spec.name, weight, src.val) for spec, weight, src in zip(specs, mixture.weights, opened)]
+    description = "mixture of " + ", ".join(f"{s.name}={s.path}" for s in specs)
+    return DataSource(mixture, None, first.tokenizer_name, first.vocab_size, description, None, first._tokenizer,
+                      val_sets=val_sets)
