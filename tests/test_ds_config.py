@@ -112,3 +112,86 @@ def AUTO_LEFT(node, path=""):
     if isinstance(node, dict):
         return [p for k, v in node.items() for p in AUTO_LEFT(v, f"{path}.{k}")]
     return [path] if node == "auto" else []
+
+
+# Every setting a flag and the JSON can both express: a flag left out takes the JSON's value...
+
+
+
+@pytest.mark.parametrize("config, field, expected", [
+    ({"optimizer": {"type": "AdamW", "params": {"weight_decay": 0.05}}}, "weight_decay", 0.05),
+    ({"optimizer": {"type": "AdamW", "params": {"betas": [0.8, 0.99]}}}, "adam_betas", (0.8, 0.99)),
+    ({"optimizer": {"type": "AdamW", "params": {"eps": 1e-6}}}, "adam_eps", 1e-6),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 0.02}}}, "lr", 0.02),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 0.02}}}, "lr", 0.02),
+    ({"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 1000}}}, "max_steps", 1000),
+    ({"scheduler": {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 7}}}, "warmup_steps", 7),
+    ({"scheduler": {"type": "WarmupCosineLR", "params": {"cos_min_ratio": 0.25}}}, "min_lr", 0.25e-3),
+    ({"gradient_clipping": 0.5}, "grad_clip", 0.5),
+    ({"gradient_accumulation_steps": 3}, "grad_accum", 3),
+    ({"zero_optimization": {"stage": 2}}, "zero_stage", 2),
+    ({"bf16": {"enabled": True}}, "mixed_precision", "bf16"),
+])
+def test_a_json_value_is_taken_when_the_flag_is_left_out(tmp_path, config, field, expected):
+    cfg, _ = settings(tmp_path, config)
+    assert getattr(cfg, field) == pytest.approx(expected)
+
+
+# ... and a flag given that contradicts it stops the run, naming both.
+@pytest.mark.parametrize("config, flags, message", [
+    ({"optimizer": {"type": "AdamW", "params": {"weight_decay": 0.05}}}, ["--weight_decay", "0.1"],
+     '--weight_decay 0.1 contradicts "weight_decay": 0.05'),
+    ({"optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.999]}}}, ["--adam_betas", "0.9", "0.95"],
+     '--adam_betas 0.9 0.95 contradicts "betas": [0.9, 0.999]'),
+    ({"optimizer": {"type": "AdamW", "params": {"eps": 1e-6}}}, ["--adam_eps", "1e-8"], '--adam_eps 1e-08 contradicts "eps"'),
+    ({"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 1000}}}, ["--max_steps", "800"],
+     '--max_steps 800 contradicts "total_num_steps": 1000'),
+    ({"scheduler": {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 10}}}, ["--warmup_steps", "40"],
+     '--warmup_steps 40 contradicts "warmup_num_steps": 10'),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 0.02}}}, ["--lr", "0.01"],
+     '--lr 0.01 contradicts "warmup_max_lr": 0.02'),
+    ({"scheduler": {"type": "WarmupCosineLR", "params": {"cos_min_ratio": 0.5}}}, ["--min_lr", "1e-4"],
+     '--min_lr 0.0001 contradicts "cos_min_ratio": 0.5'),
+    ({"gradient_clipping": 0.5}, ["--grad_clip", "1.0"], '--grad_clip 1.0 contradicts "gradient_clipping": 0.5'),
+    ({"zero_optimization": {"stage": 2}}, ["--zero_stage", "1"], '--zero_stage 1 contradicts "stage": 2'),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 0.01}}, "scheduler": {"type": "WarmupLR",
+      "params": {"warmup_max_lr": 0.02}}}, [], '"lr": 0.01 and "warmup_max_lr": 0.02 in'),
+])
+def test_a_flag_that_contradicts_the_json_stops_the_run(tmp_path, config, flags, message):
+    with pytest.raises(MarjaraError) as err:
+        settings(tmp_path, config, *flags)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_flag_that_agrees_with_the_json_is_accepted(tmp_path):
+    cfg, _ = settings(tmp_path, {"optimizer": {"type": "AdamW", "params": {"weight_decay": 0.05, "betas": [0.9, 0.99]}},
+                                 "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 100}}},
+                      "--weight_decay", "0.05", "--adam_betas", "0.9", "0.99", "--max_steps", "100")
+    assert (cfg.weight_decay, cfg.adam_betas, cfg.max_steps) == (0.05, (0.9, 0.99), 100)
+
+
+def test_missing_scheduler_parameters_are_filled_from_the_run(tmp_path):
+    """DeepSpeed's own defaults (1000 warmup steps, a 1e-4 cosine floor) would silently differ."""
+    _, c = settings(tmp_path, {"scheduler": {"type": "WarmupCosineLR"}}, "--max_steps", "60", "--warmup_steps", "6")
+    assert c["scheduler"]["params"] == {"total_num_steps": 60, "warmup_num_steps": 6, "warmup_min_ratio": 0.0,
+                                        "cos_min_ratio": pytest.approx(0.1)}
+    _, c = settings(tmp_path, {"scheduler": {"type": "WarmupLR"}}, "--lr", "0.02")
+    assert c["scheduler"]["params"] == {"warmup_num_steps": 40, "warmup_max_lr": 0.02, "warmup_min_lr": 0.0}
+
+
+def test_the_json_weight_decay_reaches_the_engines_parameter_groups(tmp_path):
+    """The decay group gets the JSON's weight_decay, not --weight_decay's default (norms get none)."""
+    from marjara.distributed import ensure_process_group
+    from marjara.model import MarjaraModel
+    from marjara.model.config import ModelConfig
+    from marjara.train.build import build_engine
+
+    ensure_process_group()
+    # torch_adam: DeepSpeed builds torch's AdamW, with nothing to compile.
+    cfg, c = settings(tmp_path, {"optimizer": {"type": "AdamW", "params": {"torch_adam": True, "weight_decay": 0.05,
+                                                                           "betas": [0.8, 0.99]}}})
+    engine, _ = build_engine(MarjaraModel(ModelConfig.from_preset("tiny", vocab_size=128)), cfg, c)
+    groups = engine.optimizer.param_groups
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.05]
+    assert {tuple(g["betas"]) for g in groups} == {(0.8, 0.99)}
+    engine.destroy()

@@ -17,6 +17,7 @@ from marjara.data.mixture_spec import parse_data_arg
 from marjara.errors import MarjaraError
 from marjara.model.config import PRESETS, ModelConfig
 from marjara.model.ffn import EVAL_ROUTINGS
+from marjara.train.ds_config import merge_json, with_train_batch_size
 from marjara.train.nonfinite import DEFAULT_MAX_BAD_STEPS
 
 _MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
@@ -127,8 +128,6 @@ class TrainConfig:
     def from_flags(cls, given: dict[str, Any], has_gpu: bool | None = None) -> "TrainConfig":
         """The config of a run from the flags given (name -> value, only those on the command
         line) and the DeepSpeed JSON --deepspeed_config names."""
-        from marjara.train.ds_config import merge_json
-
         if has_gpu is None:
             import torch
 
@@ -150,8 +149,6 @@ class TrainConfig:
 
     def engine_config(self, world_size: int) -> dict:
         """What deepspeed.initialize receives for this world size."""
-        from marjara.train.ds_config import with_train_batch_size
-
         return with_train_batch_size(self.ds_json, self, world_size)
 
     @property
