@@ -18,8 +18,10 @@ from marjara.model.config import ModelConfig
 from marjara.model.param_names import TIED_HEAD
 from marjara.model.pretrained import CONFIG_FILE, DTYPES, FORMAT, WEIGHTS_FILE, export_config
 
+
 def check_out_dir(out_dir: Path, new_config: dict, overwrite: bool) -> None:
-    """Refuse to replace a different model (or unrelated files) in out_dir unless overwrite."""
+    """Refuse to replace a different model (or unrelated files) in out_dir unless overwrite; the
+    same config.json (either layout) is the same model."""
     if overwrite or not out_dir.exists():
         return
     if not out_dir.is_dir():
@@ -31,11 +33,13 @@ def check_out_dir(out_dir: Path, new_config: dict, overwrite: bool) -> None:
         old = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         old = None
-    same = isinstance(old, dict) and all(old.get(k) == new_config[k] for k in ("format", "model", "tokenizer", "source", "dtype"))
-    if same:
+    if isinstance(old, dict) and old == json.loads(json.dumps(new_config)):
         return
-    what = "a different model" if isinstance(old, dict) and old.get("format") == FORMAT else "other files"
+    is_model = isinstance(old, dict) and (old.get("format") == FORMAT or "model_type" in old)
+    what = "a different model" if is_model else "other files"
     raise MarjaraError(f"{out_dir} already holds {what}; pass --overwrite to replace it, or choose another folder")
+
+
 def write_export(out_dir: str | os.PathLike, shapes: dict[str, torch.Size], pieces: Iterable[Piece],
                  config_json: dict, source_description: str, overwrite: bool = False) -> Path:
     """Write weights then config.json so that a folder with a config.json always has matching weights.
@@ -58,6 +62,8 @@ def write_export(out_dir: str | os.PathLike, shapes: dict[str, torch.Size], piec
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     return out_dir
+
+
 def save_pretrained(weights, config: ModelConfig, out_dir: str | os.PathLike, tokenizer: str,
                     source: dict | None = None, dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
     """Export a whole model (an nn.Module or its state dict, global expert names) to out_dir."""

@@ -53,20 +53,34 @@ def write_pieces(path: str | os.PathLike, shapes: dict[str, torch.Size], pieces:
 
     Raises MarjaraError unless the pieces cover every element of every tensor exactly once.
     """
-    header, offsets, data_size = _layout(shapes, dtype, metadata)
+    write_files({path: shapes}, pieces, dtype, source, metadata)
+
+
+def write_files(files: dict[str | os.PathLike, dict[str, torch.Size]], pieces: Iterable[Piece],
+                dtype: torch.dtype, source: str, metadata: dict[str, str] | None = None) -> None:
+    """Several safetensors files (the shards of one model) filled from one stream of pieces, each
+    piece written into whichever file holds its tensor."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    coverage = Coverage(shapes, source)
-    fd = os.open(Path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    coverage = Coverage({name: shape for shapes in files.values() for name, shape in shapes.items()}, source)
+    where: dict[str, tuple[int, int]] = {}  # tensor name -> (fd, byte position of its data)
+    fds: list[int] = []
     try:
-        os.ftruncate(fd, len(header) + data_size)
-        _pwrite_all(fd, memoryview(header), 0)
+        for path, shapes in files.items():
+            header, offsets, data_size = _layout(shapes, dtype, metadata)
+            fd = os.open(Path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fds.append(fd)
+            os.ftruncate(fd, len(header) + data_size)
+            _pwrite_all(fd, memoryview(header), 0)
+            where.update({name: (fd, len(header) + offset) for name, offset in offsets.items()})
         for piece in pieces:
             coverage.add(piece)
+            fd, base = where[piece.name]
             values = piece.values.detach().to(dtype=dtype, device="cpu").contiguous().view(torch.uint8)
-            position = len(header) + offsets[piece.name] + piece.offset * itemsize
-            _pwrite_all(fd, memoryview(values.numpy()), position)
+            _pwrite_all(fd, memoryview(values.numpy()), base + piece.offset * itemsize)
             del values
         coverage.check()
-        os.fsync(fd)
+        for fd in fds:
+            os.fsync(fd)
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)

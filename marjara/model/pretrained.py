@@ -1,4 +1,7 @@
-"""Reading the exported model format: OUT_DIR/model.safetensors + OUT_DIR/config.json, no DeepSpeed needed.
+"""Reading exported models, no DeepSpeed needed: MARJARA's own format (below) and the Hugging Face
+Qwen3 / Qwen3-MoE layout (model/hf_reader.py), told apart by their config.json.
+
+MARJARA's format: OUT_DIR/model.safetensors + OUT_DIR/config.json,
 
 config.json = {"format": "marjara", "format_version": 1, "model": ModelConfig (ep_size 1),
                "tokenizer": name, "source": {"checkpoint", "tag", "step", "tokens", "ema"} or null,
@@ -12,12 +15,16 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
 import torch
 
 from marjara.errors import MarjaraError
+from marjara.model import hf_reader
 from marjara.model.config import ModelConfig
-from marjara.model.param_names import TIED_HEAD
+from marjara.model.param_names import EXPERT_PATTERN, TIED_HEAD, global_param_name
 
 FORMAT = "marjara"
 FORMAT_VERSION = 1
@@ -44,9 +51,7 @@ def is_pretrained_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
-def read_export_config(path: str | os.PathLike) -> dict:
-    """config.json of an exported model, checked; clear errors for anything else."""
-    path = Path(path)
+def _read_config_json(path: Path) -> dict:
     config_path = path / CONFIG_FILE
     if not path.is_dir():
         raise MarjaraError(f"model folder {path} does not exist; export one with python -m marjara.convert")
@@ -56,8 +61,22 @@ def read_export_config(path: str | os.PathLike) -> dict:
         info = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MarjaraError(f"{config_path} is not valid JSON ({exc}); export the model again") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise MarjaraError(f"{config_path} does not describe a MARJARA model (no \"format\": \"marjara\")")
+    if not isinstance(info, dict):
+        raise MarjaraError(f"{config_path} is not a JSON object; export the model again")
+    return info
+
+
+def read_export_config(path: str | os.PathLike) -> dict:
+    """config.json of a MARJARA-format export, checked; clear errors for anything else."""
+    path = Path(path)
+    return _check_marjara_config(path, _read_config_json(path))
+
+
+def _check_marjara_config(path: Path, info: dict) -> dict:
+    config_path = path / CONFIG_FILE
+    if info.get("format") != FORMAT:
+        raise MarjaraError(f"{config_path} does not describe a MARJARA model (no \"format\": \"marjara\", "
+                           "and no Hugging Face model_type)")
     if info.get("format_version") != FORMAT_VERSION:
         raise MarjaraError(
             f"{config_path} has format_version {info.get('format_version')!r}; this MARJARA reads "
@@ -69,6 +88,58 @@ def read_export_config(path: str | os.PathLike) -> dict:
         raise MarjaraError(f"{path} has {CONFIG_FILE} but no {WEIGHTS_FILE}; export the model again")
     return info
 
+
+@dataclass
+class ExportedFolder:
+    """An exported model folder in either layout, its config read and checked (no weights read)."""
+
+    path: Path
+    layout: str  # "marjara" or "hf"
+    config: ModelConfig  # ep_size 1
+    tokenizer: str | None  # None: a Hugging Face folder not written by MARJARA
+    dtype: torch.dtype
+    info: dict  # config.json
+
+    def describe(self) -> str:
+        return f"{'Hugging Face' if self.layout == 'hf' else 'MARJARA'} model {self.path}"
+
+
+def read_folder(path: str | os.PathLike) -> ExportedFolder:
+    path = Path(path)
+    info = _read_config_json(path)
+    if hf_reader.is_hf_config(info):
+        hf_reader.weight_files(path)  # present and readable
+        return ExportedFolder(path, "hf", hf_reader.hf_model_config(path, info), hf_reader.hf_tokenizer_name(info),
+                              hf_reader.hf_dtype(info), info)
+    info = _check_marjara_config(path, info)
+    config = ModelConfig.from_dict(info["model"]).replace(ep_size=1)
+    return ExportedFolder(path, FORMAT, config, info["tokenizer"], DTYPES[info["dtype"]], info)
+
+
+def folder_pieces(folder: ExportedFolder) -> tuple[dict[str, torch.Size], Iterator[tuple[str, int, torch.Tensor]]]:
+    """(stored shapes, pieces (export name, offset, flat values) one stored tensor at a time)."""
+    if folder.layout == "hf":
+        return hf_reader.hf_pieces(folder.path, folder.config)
+    from safetensors import SafetensorError, safe_open
+
+    weights = folder.path / WEIGHTS_FILE
+    try:
+        with safe_open(str(weights), framework="pt") as stored:
+            shapes = {n: torch.Size(stored.get_slice(n).get_shape()) for n in stored.keys()}
+    except SafetensorError as exc:
+        raise MarjaraError(f"cannot read {weights} ({exc}); the file is truncated or corrupt, export the model again") from None
+
+    def pieces():
+        try:
+            with safe_open(str(weights), framework="pt") as stored:
+                for name in shapes:
+                    yield name, 0, stored.get_tensor(name).reshape(-1)
+        except SafetensorError as exc:
+            raise MarjaraError(f"cannot read {weights} ({exc}); the file is truncated or corrupt, export the model again") from None
+
+    return shapes, pieces()
+
+
 def weight_targets(model) -> dict[str, torch.Tensor]:
     """The model's tensors an export holds, by name (the tied output head left out)."""
     targets = dict(model.state_dict(keep_vars=True))
@@ -77,8 +148,9 @@ def weight_targets(model) -> dict[str, torch.Tensor]:
     return targets
 
 
-def check_matches(targets: dict[str, torch.Tensor], shapes: dict[str, torch.Size], where: str, fix: str) -> None:
-    """Strict loading: the same names with the same shapes, or one line naming the first differences."""
+def check_matches(targets: dict, shapes: dict[str, torch.Size], where: str, fix: str) -> None:
+    """Strict loading: the same names with the same shapes (targets: tensors or shapes), or one line
+    naming the first differences."""
     missing, unexpected = sorted(set(targets) - set(shapes)), sorted(set(shapes) - set(targets))
     if missing or unexpected:
         raise MarjaraError(
@@ -86,9 +158,10 @@ def check_matches(targets: dict[str, torch.Tensor], shapes: dict[str, torch.Size
             f"unexpected: {', '.join(unexpected[:3]) or 'none'}); {fix}"
         )
     for name, target in targets.items():
-        if torch.Size(shapes[name]) != target.shape:
+        needed = torch.Size(getattr(target, "shape", target))
+        if torch.Size(shapes[name]) != needed:
             raise MarjaraError(
-                f"{where}: {name} has shape {list(shapes[name])}, the config needs {list(target.shape)}; {fix}"
+                f"{where}: {name} has shape {list(shapes[name])}, the config needs {list(needed)}; {fix}"
             )
 
 
@@ -100,27 +173,29 @@ def set_dtype(model, device: str | torch.device, dtype: torch.dtype):
     return model.eval()
 
 
-def exported_model_config(info: dict) -> ModelConfig:
-    """The ModelConfig of an export's config.json (see read_export_config)."""
-    return ModelConfig.from_dict(info["model"]).replace(ep_size=1)
+def load_weights(model, folder: ExportedFolder, ep_rank: int = 0) -> None:
+    """Copy an exported folder's weights into `model`, whose config must have the same architecture
+    (ep_size may be > 1: this rank, expert-parallel rank `ep_rank`, takes its own experts only).
+    One stored tensor is in memory at a time."""
+    config = model.config
+    local_experts = config.num_experts // config.ep_size if config.use_moe else 1
+    targets = {global_param_name(name, ep_rank, local_experts): tensor.detach()
+               for name, tensor in weight_targets(model).items()}
+    expected = {name: t.shape for name, t in targets.items()}
+    if config.use_moe and config.ep_size > 1:  # the other ranks' experts are in the folder too
+        for match in filter(None, map(EXPERT_PATTERN.match, list(targets))):
+            head, _, tail = match.groups()
+            shape = targets[match.group(0)].shape
+            expected.update({f"{head}{e}{tail}": shape for e in range(config.num_experts)})
+    shapes, pieces = folder_pieces(folder)
+    if folder.layout == FORMAT:
+        check_matches(expected, shapes, str(folder.path / WEIGHTS_FILE), "export the model again")
+    else:
+        from marjara.model.hf_layout import source_shapes
 
-
-def load_weights(model, path: str | os.PathLike, info: dict, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None):
-    """Fill `model` (built from exported_model_config(info)) strictly from the export in path;
-    returns it on device, in eval mode, in dtype (None: as stored)."""
-    from safetensors import SafetensorError, safe_open
-
-    targets = weight_targets(model)
-    weights = Path(path) / WEIGHTS_FILE
-    fix = "export the model again"
-    try:
-        with safe_open(str(weights), framework="pt") as stored:
-            check_matches(targets, {n: torch.Size(stored.get_slice(n).get_shape()) for n in stored.keys()},
-                          str(weights), fix)
-            with torch.no_grad():
-                for name, target in targets.items():
-                    target.copy_(stored.get_tensor(name))
-    except SafetensorError as exc:
-        raise MarjaraError(f"cannot read {weights} ({exc}); the file is truncated or corrupt, {fix}") from None
-    return set_dtype(model, device, dtype or DTYPES[info["dtype"]])
+        check_matches(expected, source_shapes(config), folder.describe(), "its config.json does not describe this model")
+    with torch.no_grad():
+        for name, offset, values in pieces:
+            target = targets.get(name)
+            if target is not None:  # None: an expert another expert-parallel rank holds
+                target.view(-1)[offset: offset + values.numel()].copy_(values)

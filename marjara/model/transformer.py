@@ -15,7 +15,7 @@ from marjara.model.config import ModelConfig
 from marjara.errors import MarjaraError
 from marjara.model.ffn import MoEFeedForward, SwiGLU
 from marjara.model.param_names import is_expert_param
-from marjara.model.pretrained import exported_model_config, load_weights, read_export_config
+from marjara.model.pretrained import load_weights, read_folder, set_dtype
 from marjara.model.rope import RotaryEmbedding
 
 
@@ -152,10 +152,12 @@ class MarjaraModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-        """The model exported in path (python -m marjara.convert, save_pretrained), strictly loaded,
-        in eval mode (dtype None: as stored)."""
-        info = read_export_config(path)
-        return load_weights(cls(exported_model_config(info)), path, info, device=device, dtype=dtype)
+        """The model exported in path (python -m marjara.convert, save_pretrained; MARJARA's format or
+        the Hugging Face Qwen3 / Qwen3-MoE layout), strictly loaded, in eval mode (dtype None: as stored)."""
+        folder = read_folder(path)
+        model = cls(folder.config)
+        load_weights(model, folder)
+        return set_dtype(model, device, dtype or folder.dtype)
 
 
 def _full_numel(param: torch.Tensor) -> int:

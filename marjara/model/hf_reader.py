@@ -1,0 +1,117 @@
+"""Reading a Hugging Face Qwen3 / Qwen3-MoE folder: config.json, model.safetensors or its sharded
+form (model.safetensors.index.json + model-0000N-of-0000M.safetensors), one tensor at a time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from marjara.errors import MarjaraError
+from marjara.model.config import ModelConfig
+from marjara.model.hf_config import MARJARA_KEY, from_hf_config
+from marjara.model.hf_layout import HfLayout, Triple, hf_shapes
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TIED_HEAD = "lm_head.weight"
+
+
+def is_hf_config(info: dict) -> bool:
+    return "model_type" in info and info.get("format") != "marjara"
+
+
+def hf_model_config(path: Path, info: dict) -> ModelConfig:
+    return from_hf_config(info, str(path / CONFIG_FILE))
+
+
+def hf_tokenizer_name(info: dict) -> str | None:
+    """The MARJARA tokenizer a MARJARA export recorded; None for folders made elsewhere."""
+    record = info.get(MARJARA_KEY)
+    return record.get("tokenizer") if isinstance(record, dict) else None
+
+
+def hf_dtype(info: dict) -> torch.dtype:
+    name = info.get("dtype") or info.get("torch_dtype") or "float32"
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
+def weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    from safetensors import SafetensorError, safe_open
+
+    if (path / INDEX_FILE).is_file():
+        try:
+            weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise MarjaraError(f"{path / INDEX_FILE} is not a safetensors index ({exc}); save the model again") from None
+        files = {name: path / file for name, file in weight_map.items()}
+        for file in sorted(set(files.values())):
+            if not file.is_file():
+                raise MarjaraError(f"{path} is incomplete: {file.name}, named in {INDEX_FILE}, is missing")
+        return files
+    if (path / SINGLE_FILE).is_file():
+        try:
+            with safe_open(str(path / SINGLE_FILE), framework="pt") as stored:
+                return {name: path / SINGLE_FILE for name in stored.keys()}
+        except SafetensorError as exc:
+            raise MarjaraError(f"cannot read {path / SINGLE_FILE} ({exc}); the file is truncated or corrupt") from None
+    raise MarjaraError(f"{path} holds no {SINGLE_FILE} or {INDEX_FILE}; save the model with safetensors "
+                       "(transformers' save_pretrained does by default)")
+
+
+def hf_shapes_on_disk(files: dict[str, Path]) -> dict[str, torch.Size]:
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, torch.Size] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        try:
+            with safe_open(str(file), framework="pt") as stored:
+                present = set(stored.keys())
+                for name in names:
+                    if name not in present:
+                        raise MarjaraError(f"{file} lacks {name}, which the index places there; save the model again")
+                    shapes[name] = torch.Size(stored.get_slice(name).get_shape())
+        except SafetensorError as exc:
+            raise MarjaraError(f"cannot read {file} ({exc}); the file is truncated or corrupt") from None
+    return shapes
+
+
+def hf_pieces(path: Path, config: ModelConfig) -> tuple[dict[str, torch.Size], Iterator[Triple]]:
+    """(the folder's tensor shapes, checked against `config`; pieces of MARJARA tensors under export
+    names, one stored tensor at a time). A tied head stored anyway is skipped."""
+    from safetensors import safe_open
+
+    files = weight_files(path)
+    shapes = hf_shapes_on_disk(files)
+    expected = hf_shapes(config)
+    if config.tie_embeddings:
+        shapes.pop(TIED_HEAD, None)
+        files.pop(TIED_HEAD, None)
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        raise MarjaraError(
+            f"{path}'s weights do not match its config.json (missing: {', '.join(missing[:3]) or 'none'}; "
+            f"unexpected: {', '.join(unexpected[:3]) or 'none'}); save the model again"
+        )
+    for name, shape in expected.items():
+        if shapes[name] != shape:
+            raise MarjaraError(f"{path}: {name} has shape {list(shapes[name])}, its config.json needs {list(shape)}")
+    layout = HfLayout(config)
+
+    def pieces() -> Iterator[Triple]:
+        by_file: dict[Path, list[str]] = {}
+        for name, file in files.items():
+            by_file.setdefault(file, []).append(name)
+        for file, names in by_file.items():
+            with safe_open(str(file), framework="pt") as stored:
+                for name in names:
+                    yield layout.from_hf(name, stored.get_tensor(name))
+
+    return shapes, pieces()
