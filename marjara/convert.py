@@ -1,9 +1,11 @@
-"""Convert a MARJARA DeepSpeed checkpoint (any ZeRO stage, any number of ranks, dense or MoE) into
-one model.safetensors + config.json that MarjaraModel.from_pretrained loads without DeepSpeed.
+"""Convert a MARJARA DeepSpeed checkpoint (any ZeRO stage, any number of ranks, dense or MoE), or an
+exported model, into MARJARA's format (model.safetensors + config.json, for MarjaraModel.from_pretrained)
+or the Hugging Face layout (--format hf: Qwen3 / Qwen3-MoE, for transformers, vLLM, SGLang, ...).
 
-    python -m marjara.convert CKPT_DIR OUT_DIR [--tag TAG] [--ema] [--dtype fp32|bf16] [--overwrite]
+    python -m marjara.convert CKPT_DIR|MODEL_DIR OUT_DIR [--format marjara|hf] [--tag TAG] [--ema]
+                              [--dtype fp32|bf16] [--max_shard_size 5GB] [--overwrite]
 
-No launcher needed. Weights stream from one checkpoint file at a time into the output file, so
+No launcher needed. Weights stream from one checkpoint file at a time into the output files, so
 peak memory stays near one copy of the output (see bench/convert.py).
 """
 
@@ -18,18 +20,20 @@ from typing import Callable, Iterator
 
 import torch
 
-from marjara.checkpoint.format import Checkpoint, open_checkpoint
-from marjara.checkpoint.verify import check_checkpoint
-from marjara.model.config import ModelConfig
 from marjara.checkpoint.ema_reader import check_has_ema, ema_pieces
-from marjara.errors import cli_entry
 from marjara.checkpoint.export import write_export
-from marjara.model.param_names import TIED_HEAD
-from marjara.model.pretrained import CONFIG_FILE, WEIGHTS_FILE, check_matches, export_config, set_dtype, weight_targets
+from marjara.checkpoint.format import Checkpoint, open_checkpoint
 from marjara.checkpoint.pieces import Piece, assemble
+from marjara.checkpoint.verify import check_checkpoint
 from marjara.checkpoint.zero_reader import ZeroCheckpointReader
+from marjara.errors import MarjaraError, cli_entry
+from marjara.model.config import ModelConfig
+from marjara.model.param_names import TIED_HEAD
+from marjara.model.pretrained import (CONFIG_FILE, check_matches, export_config, folder_pieces, is_pretrained_dir,
+                                      read_folder, set_dtype, weight_targets)
 
 DTYPE_FLAGS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FORMATS = ("marjara", "hf")
 
 
 @dataclass
@@ -81,12 +85,61 @@ def checkpoint_weights(ckpt_dir: str | os.PathLike, tag: str | None = None, ema:
     return CheckpointWeights(ckpt, ckpt.config.replace(ep_size=1), shapes, pieces, ema, verified)
 
 
+@dataclass
+class FolderWeights:
+    """An exported model (either layout) as a conversion source."""
+
+    path: Path
+    config: ModelConfig
+    tokenizer: str
+    source: dict | None
+    pieces: Callable[[], Iterator[Piece]]
+    shapes: dict[str, torch.Size]
+
+    def describe(self) -> str:
+        return f"model {self.path}"
+
+
+def folder_weights(path: str | os.PathLike) -> FolderWeights:
+    from marjara.model.hf_layout import source_shapes
+
+    folder = read_folder(path)
+    if folder.tokenizer is None:
+        raise MarjaraError(f"{path} was not exported by MARJARA: its config.json names no MARJARA tokenizer, "
+                           "so no exported folder can say how to read its token ids")
+    record = folder.info.get("marjara") if folder.layout == "hf" else folder.info
+    shapes = source_shapes(folder.config) if folder.layout == "hf" else folder_pieces(folder)[0]
+
+    def pieces() -> Iterator[Piece]:
+        for triple in folder_pieces(folder)[1]:
+            yield Piece(*triple)
+
+    return FolderWeights(Path(path), folder.config, folder.tokenizer, record.get("source"), pieces, shapes)
+
+
 def convert(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tag: str | None = None, ema: bool = False,
-            dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
-    weights = checkpoint_weights(ckpt_dir, tag, ema)
-    config_json = export_config(weights.config, weights.tokenizer, weights.source, dtype)
-    out = write_export(out_dir, weights.shapes, weights.pieces(), config_json, weights.describe(), overwrite)
-    if not weights.verified:
+            dtype: torch.dtype = torch.float32, overwrite: bool = False, format: str = "marjara",
+            max_shard_size: int | None = None) -> Path:
+    """ckpt_dir: a checkpoint folder (or one of its tags), or an exported model folder (either layout)."""
+    if format not in FORMATS:
+        raise MarjaraError(f"unknown --format {format!r}; choose {' or '.join(FORMATS)}")
+    if is_pretrained_dir(ckpt_dir):
+        if tag is not None or ema:
+            raise MarjaraError(f"{ckpt_dir} is an exported model; --tag and --ema apply only to checkpoint folders")
+        if Path(out_dir).resolve() == Path(ckpt_dir).resolve():
+            raise MarjaraError(f"{out_dir} is the model being converted; choose another output folder")
+        weights = folder_weights(ckpt_dir)
+    else:
+        weights = checkpoint_weights(ckpt_dir, tag, ema)
+    if format == "hf":
+        from marjara.checkpoint.export_hf import DEFAULT_MAX_SHARD_SIZE, write_hf_export
+
+        out = write_hf_export(out_dir, weights.config, weights.tokenizer, weights.source, weights.pieces(), dtype,
+                              weights.describe(), overwrite, max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+    else:
+        config_json = export_config(weights.config, weights.tokenizer, weights.source, dtype)
+        out = write_export(out_dir, weights.shapes, weights.pieces(), config_json, weights.describe(), overwrite)
+    if isinstance(weights, CheckpointWeights) and not weights.verified:
         print(f"note: {weights.ckpt.tag_dir} was saved without checksums (format_version 1) and was read "
               "unverified", file=sys.stderr)
     return out
@@ -109,11 +162,16 @@ def load_checkpoint_model(ckpt_dir: str | os.PathLike, tag: str | None = None, e
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m marjara.convert", description=__doc__.splitlines()[0])
-    parser.add_argument("ckpt_dir", help="the checkpoint folder a training run wrote (holds 'latest')")
-    parser.add_argument("out_dir", help="folder for model.safetensors and config.json")
+    parser.add_argument("ckpt_dir", help="the checkpoint folder a training run wrote (holds 'latest'), or an exported model")
+    parser.add_argument("out_dir", help="folder for the exported model")
+    parser.add_argument("--format", choices=FORMATS, default="marjara",
+                        help="marjara: model.safetensors + config.json for MARJARA; hf: the Hugging Face layout "
+                        "(Qwen3 / Qwen3-MoE) that transformers loads")
     parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step1000 (default: the 'latest' one)")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the trained ones")
     parser.add_argument("--dtype", choices=sorted(DTYPE_FLAGS), default="fp32", help="dtype of the exported weights")
+    parser.add_argument("--max_shard_size", default="5GB",
+                        help="--format hf: weights above this size are split into shards with an index file")
     parser.add_argument("--overwrite", action="store_true", help="replace a different model already in OUT_DIR")
     return parser.parse_args(argv)
 
@@ -121,10 +179,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 @cli_entry
 def main(argv=None) -> int:
     args = parse_args(argv)
+    shard_size = None
+    if args.format == "hf":
+        from marjara.checkpoint.export_hf import parse_size
+
+        shard_size = parse_size(args.max_shard_size)
     out = convert(args.ckpt_dir, args.out_dir, tag=args.tag, ema=args.ema, dtype=DTYPE_FLAGS[args.dtype],
-                  overwrite=args.overwrite)
-    size = (out / WEIGHTS_FILE).stat().st_size
-    print(f"wrote {out / WEIGHTS_FILE} ({size / 2**20:.1f} MiB) and {CONFIG_FILE}")
+                  overwrite=args.overwrite, format=args.format, max_shard_size=shard_size)
+    weights = sorted(out.glob("model*.safetensors"))
+    size = sum(p.stat().st_size for p in weights)
+    what = str(weights[0]) if len(weights) == 1 else f"{len(weights)} shards {out}/model-*.safetensors"
+    extra = " in the Hugging Face layout (load with transformers.AutoModelForCausalLM)" if args.format == "hf" else ""
+    print(f"wrote {what} ({size / 2**20:.1f} MiB) and {CONFIG_FILE}{extra}")
     return 0
 
 

@@ -13,7 +13,7 @@ from marjara.checkpoint.format import LATEST, is_checkpoint_dir, is_tag_dir, ope
 from marjara.distributed import ensure_process_group
 from marjara.errors import MarjaraError
 from marjara.model import MarjaraModel
-from marjara.model.pretrained import is_pretrained_dir, read_export_config
+from marjara.model.pretrained import is_pretrained_dir, read_folder
 from marjara.data.tokenizer import Tokenizer, get_tokenizer
 
 
@@ -25,7 +25,7 @@ def resolve_model_path(path: str | os.PathLike, tag: str | None = None, ema: boo
     if is_pretrained_dir(path):
         if tag is not None or ema:
             raise MarjaraError(f"{path} is an exported model; --tag and --ema apply only to checkpoint folders")
-        read_export_config(path)
+        read_folder(path)
         return path, None, False
     if tag is None and not is_checkpoint_dir(path) and is_tag_dir(path) and path.is_dir():
         path, tag = path.parent, path.name
@@ -52,7 +52,7 @@ def load_for_inference(path: str | os.PathLike, tag: str | None = None, ema: boo
     if is_checkpoint:
         uses_moe = open_checkpoint(folder, tag).config.use_moe
     else:
-        uses_moe = bool(read_export_config(folder)["model"].get("use_moe"))
+        uses_moe = read_folder(folder).config.use_moe
     with contextlib.redirect_stdout(sys.stderr):
         if uses_moe:
             ensure_process_group()  # DeepSpeed's MoE layers need one; this process may have none yet
@@ -61,7 +61,10 @@ def load_for_inference(path: str | os.PathLike, tag: str | None = None, ema: boo
 
             model, tokenizer_name = load_checkpoint_model(folder, tag=tag, ema=ema, device=device, dtype=dtype)
         else:
-            tokenizer_name = read_export_config(folder)["tokenizer"]
+            tokenizer_name = read_folder(folder).tokenizer
+            if tokenizer_name is None:
+                raise MarjaraError(f"{folder} was not exported by MARJARA: its config.json names no MARJARA tokenizer; "
+                                   "run it with transformers instead")
             model = MarjaraModel.from_pretrained(folder, device=device, dtype=dtype)
         if model.config.use_moe:
             with torch.no_grad():
