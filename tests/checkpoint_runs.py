@@ -26,6 +26,7 @@ RUNS = {
     "moe_ep2": ["--deepspeed_config", "ds_configs/moe_zero2.json", *MOE, "--eval_interval", str(STEPS),
                 "--eval_batches", "2"],
     "moe_ep2_bf16": ["--deepspeed_config", "ds_configs/moe_zero2.json", *MOE, "--mixed_precision", "bf16"],
+    "moe_ep2_top1": ["--deepspeed_config", "ds_configs/moe_zero2.json", *MOE, "--top_k", "1"],
 }
 COMMON = ["--model_size", "tiny", "--max_steps", str(STEPS), "--save_interval", str(STEPS), "--batch_size", "2",
           "--seq_len", "32", "--lr", "3e-3", "--warmup_steps", "1", "--ema_decay", "0.5", "--seed", "3",
