@@ -1,5 +1,6 @@
-"""Checkpoint conversion: time and peak memory against output size, MARJARA's converter beside
-DeepSpeed's zero_to_fp32 on the same dense checkpoint, measured in this run on this machine.
+"""Checkpoint conversion: time and peak memory against output size, MARJARA's converter (its own
+format, and the Hugging Face layout of --format hf) beside DeepSpeed's zero_to_fp32 on the same
+dense checkpoint, measured in this run on this machine.
 
     python bench/convert.py [--presets small medium] [--stages 2 3] [--work /tmp/marjara_bench_convert]
 
@@ -42,6 +43,8 @@ def measure(tool: str, ckpt: str, out: str) -> None:
     start = time.perf_counter()
     if tool == "marjara":
         convert(ckpt, out)
+    elif tool == "marjara_hf":
+        convert(ckpt, out, format="hf")
     else:
         # Its safetensors output refuses tied weights ("Some tensors share memory"): the default .bin.
         convert_zero_checkpoint_to_fp32_state_dict(ckpt, out)
@@ -97,9 +100,9 @@ def main() -> None:
         env["TIKTOKEN_CACHE_DIR"] = str(SHARED_TIKTOKEN)
     tokenizer = "gpt2" if "TIKTOKEN_CACHE_DIR" in env else "bytes"
     print(f"tokenizer {tokenizer}; peak = rise of resident memory during the conversion (fresh process each)")
-    print(f"{'preset':8} {'zero':>4} {'output':>10} | {'marjara.convert':^27} | {'zero_to_fp32':^27} | same")
-    print(f"{'':8} {'':>4} {'MiB':>10} | {'s':>7} {'peak MiB':>9} {'x out':>7} | "
-          f"{'s':>7} {'peak MiB':>9} {'x out':>7} |")
+    columns = ("marjara.convert", "convert --format hf", "zero_to_fp32")
+    print(f"{'preset':8} {'zero':>4} {'output':>10} | " + " | ".join(f"{c:^27}" for c in columns) + " | same")
+    print(f"{'':8} {'':>4} {'MiB':>10} | " + " | ".join(f"{'s':>7} {'peak MiB':>9} {'x out':>7}" for _ in columns) + " |")
     for preset in args.presets:
         for stage in args.stages:
             ckpt = args.work / f"{preset}_zero{stage}"
@@ -107,12 +110,14 @@ def main() -> None:
                 shutil.rmtree(ckpt, ignore_errors=True)
                 train(ckpt, preset, stage, tokenizer, env)
             ours = run_tool("marjara", ckpt, args.work / f"{preset}_zero{stage}_marjara", env)
+            hf = run_tool("marjara_hf", ckpt, args.work / f"{preset}_zero{stage}_hf", env)
             theirs = run_tool("zero_to_fp32", ckpt, args.work / f"{preset}_zero{stage}_ds", env)
             same = same_weights(args.work / f"{preset}_zero{stage}_marjara", args.work / f"{preset}_zero{stage}_ds")
             size = ours["output_mib"]
-            print(f"{preset:8} {stage:>4} {size:>10.1f} | {ours['seconds']:>7.2f} {ours['peak_mib']:>9.1f} "
-                  f"{ours['peak_mib'] / size:>7.2f} | {theirs['seconds']:>7.2f} {theirs['peak_mib']:>9.1f} "
-                  f"{theirs['peak_mib'] / size:>7.2f} | {'yes' if same else 'NO'}", flush=True)
+            cells = [f"{r['seconds']:>7.2f} {r['peak_mib']:>9.1f} {r['peak_mib'] / r['output_mib']:>7.2f}"
+                     for r in (ours, hf, theirs)]
+            print(f"{preset:8} {stage:>4} {size:>10.1f} | " + " | ".join(cells) + f" | {'yes' if same else 'NO'}",
+                  flush=True)
 
 
 if __name__ == "__main__":

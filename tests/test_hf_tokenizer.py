@@ -3,7 +3,7 @@ MARJARA's tokenizer (tiktoken, or bytes) gives, and decodes them back."""
 
 import pytest
 
-from marjara.data.hf_tokenizer import build_tokenizer, onig_pattern, write_tokenizer_files
+from marjara.data.hf_tokenizer import onig_pattern, write_tokenizer_files
 from marjara.data.tokenizer import get_tokenizer
 from marjara.errors import MarjaraError
 
@@ -26,7 +26,7 @@ def test_auto_tokenizer_encodes_like_marjara(tmp_path, name):
     if not tiktoken_available(name):
         pytest.skip(f"tiktoken has no files for {name} here (offline; set TIKTOKEN_CACHE_DIR)")
     ours = get_tokenizer(name)
-    write_tokenizer_files(build_tokenizer(name), name, 256, tmp_path)
+    write_tokenizer_files(name, 256, tmp_path)
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     ids = theirs.encode(SAMPLE, add_special_tokens=False)
     assert ids == ours.encode(SAMPLE)

@@ -27,7 +27,7 @@ import torch
 from marjara.checkpoint.export import check_out_dir
 from marjara.checkpoint.pieces import Piece
 from marjara.checkpoint.safetensors_writer import write_files
-from marjara.data.hf_tokenizer import FILES as TOKENIZER_FILES, build_tokenizer, write_tokenizer_files
+from marjara.data.hf_tokenizer import FILES as TOKENIZER_FILES, write_tokenizer_files
 from marjara.data.tokenizer import get_tokenizer
 from marjara.errors import MarjaraError
 from marjara.fileio import atomic_path, write_json_atomic
@@ -93,7 +93,6 @@ def write_hf_export(out_dir: str | os.PathLike, config: ModelConfig, tokenizer_n
                            f"{config.vocab_size}; export with the tokenizer the model was trained with")
     marjara = {"format_version": 1, "tokenizer": tokenizer_name, "source": source}
     config_json = to_hf_config(config, tokenizer.eot_id, DTYPE_NAMES[dtype], marjara)
-    hf_tokenizer = build_tokenizer(tokenizer_name)
     out_dir = Path(out_dir)
     check_out_dir(out_dir, config_json, overwrite)
 
@@ -107,6 +106,7 @@ def write_hf_export(out_dir: str | os.PathLike, config: ModelConfig, tokenizer_n
         for stale in out_dir.iterdir():  # shards of an earlier export that this one does not replace
             if (_SHARD_NAME.match(stale.name) or stale.name in (SINGLE_FILE, INDEX_FILE)) and stale.name not in names:
                 stale.unlink()
+        write_tokenizer_files(tokenizer_name, config.max_seq_len, out_dir)
         with contextlib.ExitStack() as stack:
             temps = [stack.enter_context(atomic_path(out_dir / name)) for name in names]
             write_files(dict(zip(temps, shards)), hf_pieces(config, pieces), dtype, source_description,
@@ -117,7 +117,6 @@ def write_hf_export(out_dir: str | os.PathLike, config: ModelConfig, tokenizer_n
             write_json_atomic(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
         eot = tokenizer.eot_id
         write_json_atomic(out_dir / GENERATION_CONFIG_FILE, {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
-        write_tokenizer_files(hf_tokenizer, tokenizer_name, config.max_seq_len, out_dir)
         write_json_atomic(out_dir / CONFIG_FILE, config_json)
     except BaseException:
         if created:

@@ -1,5 +1,5 @@
-"""The Hugging Face `tokenizers` equivalent of a MARJARA tokenizer, for exported folders that
-transformers' AutoTokenizer loads (tokenizer.json + tokenizer_config.json).
+"""The Hugging Face equivalent of a MARJARA tokenizer, for exported folders that transformers'
+AutoTokenizer loads (tokenizer.json in the `tokenizers` library's format + tokenizer_config.json).
 
 - tiktoken encodings (gpt2, cl100k_base, o200k_base, ...): a byte-level BPE with tiktoken's ranks as
   ids, merges recovered from the ranks (each token's splits into two lower-ranked tokens, ordered by
@@ -8,7 +8,7 @@ transformers' AutoTokenizer loads (tokenizer.json + tokenizer_config.json).
 - bytes: the same byte-level model with the 256 bytes as ids 0..255, no merges, and <|endoftext|>
   at 256: every UTF-8 byte is one token, as MARJARA's ByteTokenizer encodes.
 
-Needs the `tokenizers` package (installed with transformers: pip install '.[hf]').
+Written as plain JSON: exporting needs neither transformers nor tokenizers.
 """
 
 from __future__ import annotations
@@ -58,34 +58,41 @@ def onig_pattern(pattern: str) -> str:
     return _POSSESSIVE_INTERVAL.sub(r"(?>\1\2)", pattern)
 
 
-def build_tokenizer(name: str):
-    """A tokenizers.Tokenizer that encodes text to the same ids as MARJARA's tokenizer `name`."""
-    try:
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    except ImportError:
-        raise MarjaraError("writing Hugging Face tokenizer files needs the tokenizers package; "
-                           "pip install '.[hf]' (transformers)") from None
+def _write_tokenizer_json(name: str, path: Path) -> None:
+    """tokenizer.json in the `tokenizers` library's format, written as it is generated: the ranks
+    tiktoken already holds are the only large thing in memory."""
     ranks, specials, pattern = _ranks_and_specials(name)
     chars = _byte_to_unicode()
 
     def text(token: bytes) -> str:
         return "".join(chars[b] for b in token)
 
-    vocab = {text(token): rank for token, rank in ranks.items()}
-    merges = []
-    for token, rank in ranks.items():
-        splits = [(token[:i], token[i:]) for i in range(1, len(token))]
-        splits = [(a, b) for a, b in splits if a in ranks and b in ranks]
-        merges += [(rank, ranks[a], ranks[b], text(a), text(b)) for a, b in splits]
-    merges.sort()
-    vocab.update(specials)  # special tokens keep tiktoken's ids
-    tokenizer = Tokenizer(models.BPE(vocab, [(a, b) for *_, a, b in merges], fuse_unk=False, ignore_merges=True))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.pre_tokenizer = (byte_level if pattern is None else pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(onig_pattern(pattern)), behavior="isolated", invert=False), byte_level]))
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(token, normalized=False, special=True) for token in specials])
-    return tokenizer
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    pre_tokenizer = byte_level if pattern is None else {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": onig_pattern(pattern)}, "behavior": "Isolated", "invert": False},
+        byte_level]}
+    added = [{"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": True} for token, i in sorted(specials.items(), key=lambda item: item[1])]
+    head = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+            "pre_tokenizer": pre_tokenizer, "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}}
+    model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+             "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True}
+    in_rank_order = sorted(ranks, key=ranks.__getitem__)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(head, ensure_ascii=False)[:-1] + ', "model": ' + json.dumps(model)[:-1] + ', "vocab": {')
+        entries = ((text(token), ranks[token]) for token in in_rank_order)
+        for k, (key, rank) in enumerate([*entries, *specials.items()]):
+            f.write(("," if k else "") + json.dumps(key, ensure_ascii=False) + f": {rank}")
+        f.write('}, "merges": [')
+        first = True
+        for token in in_rank_order:  # a merge's priority is the rank of the token it makes
+            splits = [(ranks[token[:i]], ranks[token[i:]], i) for i in range(1, len(token))
+                      if token[:i] in ranks and token[i:] in ranks]
+            for _, _, i in sorted(splits):
+                f.write(("" if first else ",") + json.dumps([text(token[:i]), text(token[i:])], ensure_ascii=False))
+                first = False
+        f.write("]}}\n")
 
 
 def tokenizer_config(name: str, model_max_length: int) -> dict:
@@ -103,6 +110,6 @@ def tokenizer_config(name: str, model_max_length: int) -> dict:
     }
 
 
-def write_tokenizer_files(tokenizer, name: str, model_max_length: int, out_dir: Path) -> None:
-    tokenizer.save(str(out_dir / TOKENIZER_FILE))
+def write_tokenizer_files(name: str, model_max_length: int, out_dir: Path) -> None:
+    _write_tokenizer_json(name, out_dir / TOKENIZER_FILE)
     (out_dir / TOKENIZER_CONFIG_FILE).write_text(json.dumps(tokenizer_config(name, model_max_length), indent=2) + "\n")
