@@ -1,9 +1,11 @@
 """Tokenizer files of a Hugging Face export: transformers' AutoTokenizer encodes text to the ids
 MARJARA's tokenizer (tiktoken, or bytes) gives, and decodes them back."""
 
+import json
+
 import pytest
 
-from marjara.data.hf_tokenizer import onig_pattern, write_tokenizer_files
+from marjara.data.hf_tokenizer import onig_pattern, tokenizer_config, write_tokenizer_json
 from marjara.data.tokenizer import get_tokenizer
 from marjara.errors import MarjaraError
 
@@ -26,7 +28,8 @@ def test_auto_tokenizer_encodes_like_marjara(tmp_path, name):
     if not tiktoken_available(name):
         pytest.skip(f"tiktoken has no files for {name} here (offline; set TIKTOKEN_CACHE_DIR)")
     ours = get_tokenizer(name)
-    write_tokenizer_files(name, 256, tmp_path)
+    write_tokenizer_json(name, tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(name, 256)))
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     ids = theirs.encode(SAMPLE, add_special_tokens=False)
     assert ids == ours.encode(SAMPLE)

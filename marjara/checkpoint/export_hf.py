@@ -27,17 +27,17 @@ import torch
 from marjara.checkpoint.export import check_out_dir
 from marjara.checkpoint.pieces import Piece
 from marjara.checkpoint.safetensors_writer import write_files
-from marjara.data.hf_tokenizer import FILES as TOKENIZER_FILES, write_tokenizer_files
+from marjara.data.hf_tokenizer import tokenizer_config, write_tokenizer_json
 from marjara.data.tokenizer import get_tokenizer
 from marjara.errors import MarjaraError
 from marjara.fileio import atomic_path, write_json_atomic
 from marjara.model.config import ModelConfig
 from marjara.model.hf_config import to_hf_config
 from marjara.model.hf_layout import HfLayout, hf_shapes
-from marjara.model.hf_reader import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
-from marjara.model.pretrained import DTYPE_NAMES
+from marjara.model.pretrained import (CONFIG_FILE, DTYPE_NAMES, HF_GENERATION_CONFIG_FILE, HF_INDEX_FILE as INDEX_FILE,
+                                      HF_TOKENIZER_CONFIG_FILE, HF_TOKENIZER_FILE, WEIGHTS_FILE as SINGLE_FILE,
+                                      hf_record)
 
-GENERATION_CONFIG_FILE = "generation_config.json"
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # Qwen's own repositories use shards of about this size
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
@@ -91,8 +91,7 @@ def write_hf_export(out_dir: str | os.PathLike, config: ModelConfig, tokenizer_n
     if tokenizer.vocab_size > config.vocab_size:
         raise MarjaraError(f"tokenizer {tokenizer_name!r} has {tokenizer.vocab_size} ids but the model's vocab_size is "
                            f"{config.vocab_size}; export with the tokenizer the model was trained with")
-    marjara = {"format_version": 1, "tokenizer": tokenizer_name, "source": source}
-    config_json = to_hf_config(config, tokenizer.eot_id, DTYPE_NAMES[dtype], marjara)
+    config_json = to_hf_config(config, tokenizer.eot_id, DTYPE_NAMES[dtype], hf_record(tokenizer_name, source))
     out_dir = Path(out_dir)
     check_out_dir(out_dir, config_json, overwrite)
 
@@ -106,7 +105,8 @@ def write_hf_export(out_dir: str | os.PathLike, config: ModelConfig, tokenizer_n
         for stale in out_dir.iterdir():  # shards of an earlier export that this one does not replace
             if (_SHARD_NAME.match(stale.name) or stale.name in (SINGLE_FILE, INDEX_FILE)) and stale.name not in names:
                 stale.unlink()
-        write_tokenizer_files(tokenizer_name, config.max_seq_len, out_dir)
+        write_tokenizer_json(tokenizer_name, out_dir / HF_TOKENIZER_FILE)
+        write_json_atomic(out_dir / HF_TOKENIZER_CONFIG_FILE, tokenizer_config(tokenizer_name, config.max_seq_len))
         with contextlib.ExitStack() as stack:
             temps = [stack.enter_context(atomic_path(out_dir / name)) for name in names]
             write_files(dict(zip(temps, shards)), hf_pieces(config, pieces), dtype, source_description,
@@ -116,20 +116,13 @@ def write_hf_export(out_dir: str | os.PathLike, config: ModelConfig, tokenizer_n
             weight_map = {tensor: name for name, shard in zip(names, shards) for tensor in shard}
             write_json_atomic(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
         eot = tokenizer.eot_id
-        write_json_atomic(out_dir / GENERATION_CONFIG_FILE, {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
+        write_json_atomic(out_dir / HF_GENERATION_CONFIG_FILE, {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
         write_json_atomic(out_dir / CONFIG_FILE, config_json)
     except BaseException:
         if created:
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     return out_dir
-
-
-def written_files(out_dir: Path) -> list[Path]:
-    """The files an export wrote, weights first (for reporting)."""
-    names = [SINGLE_FILE, INDEX_FILE, GENERATION_CONFIG_FILE, *TOKENIZER_FILES, CONFIG_FILE]
-    shards = sorted(p for p in out_dir.iterdir() if _SHARD_NAME.match(p.name))
-    return shards + [out_dir / n for n in names if (out_dir / n).is_file()]
 
 
 def save_pretrained_hf(model, out_dir: str | os.PathLike, tokenizer: str, dtype: torch.dtype = torch.float32,

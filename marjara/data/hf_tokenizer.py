@@ -20,11 +20,6 @@ from pathlib import Path
 from marjara.data.tokenizer import BYTES, EOT_TEXT, TiktokenTokenizer, get_tokenizer
 from marjara.errors import MarjaraError
 
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
-
-
 def _byte_to_unicode() -> dict[int, str]:
     """GPT-2's printable stand-in character for each byte (what a ByteLevel pre-tokenizer emits)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -58,7 +53,7 @@ def onig_pattern(pattern: str) -> str:
     return _POSSESSIVE_INTERVAL.sub(r"(?>\1\2)", pattern)
 
 
-def _write_tokenizer_json(name: str, path: Path) -> None:
+def write_tokenizer_json(name: str, path: Path) -> None:
     """tokenizer.json in the `tokenizers` library's format, written as it is generated: the ranks
     tiktoken already holds are the only large thing in memory."""
     ranks, specials, pattern = _ranks_and_specials(name)
@@ -108,8 +103,3 @@ def tokenizer_config(name: str, model_max_length: int) -> dict:
         "model_max_length": model_max_length,
         "marjara_tokenizer": name,
     }
-
-
-def write_tokenizer_files(name: str, model_max_length: int, out_dir: Path) -> None:
-    _write_tokenizer_json(name, out_dir / TOKENIZER_FILE)
-    (out_dir / TOKENIZER_CONFIG_FILE).write_text(json.dumps(tokenizer_config(name, model_max_length), indent=2) + "\n")

@@ -13,11 +13,8 @@ from marjara.errors import MarjaraError
 from marjara.model.config import ModelConfig
 from marjara.model.hf_config import MARJARA_KEY, from_hf_config
 from marjara.model.hf_layout import HfLayout, Triple, hf_shapes
-
-CONFIG_FILE = "config.json"
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-TIED_HEAD = "lm_head.weight"
+from marjara.model.param_names import TIED_HEAD
+from marjara.model.pretrained import CONFIG_FILE, HF_INDEX_FILE as INDEX_FILE, WEIGHTS_FILE as SINGLE_FILE
 
 
 def is_hf_config(info: dict) -> bool:

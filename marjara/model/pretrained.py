@@ -22,7 +22,6 @@ from typing import Iterator
 import torch
 
 from marjara.errors import MarjaraError
-from marjara.model import hf_reader
 from marjara.model.config import ModelConfig
 from marjara.model.param_names import EXPERT_PATTERN, TIED_HEAD, global_param_name
 
@@ -30,6 +29,12 @@ FORMAT = "marjara"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+# The Hugging Face layout (model/hf_reader.py) shares these two names; above a shard size it
+# splits the weights into model-0000K-of-0000N.safetensors, listed in this index.
+HF_INDEX_FILE = "model.safetensors.index.json"
+HF_GENERATION_CONFIG_FILE = "generation_config.json"
+HF_TOKENIZER_FILE = "tokenizer.json"  # the `tokenizers` library's format
+HF_TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -45,6 +50,11 @@ def export_config(config: ModelConfig, tokenizer: str, source: dict | None, dtyp
         "source": source,
         "dtype": DTYPE_NAMES[dtype],
     }
+
+
+def hf_record(tokenizer: str, source: dict | None) -> dict:
+    """What a Hugging Face export says about itself under config.json's "marjara" key."""
+    return {"format_version": FORMAT_VERSION, "tokenizer": tokenizer, "source": source}
 
 
 def is_pretrained_dir(path: str | os.PathLike) -> bool:
@@ -105,6 +115,8 @@ class ExportedFolder:
 
 
 def read_folder(path: str | os.PathLike) -> ExportedFolder:
+    from marjara.model import hf_reader
+
     path = Path(path)
     info = _read_config_json(path)
     if hf_reader.is_hf_config(info):
@@ -118,6 +130,8 @@ def read_folder(path: str | os.PathLike) -> ExportedFolder:
 
 def folder_pieces(folder: ExportedFolder) -> tuple[dict[str, torch.Size], Iterator[tuple[str, int, torch.Tensor]]]:
     """(stored shapes, pieces (export name, offset, flat values) one stored tensor at a time)."""
+    from marjara.model import hf_reader
+
     if folder.layout == "hf":
         return hf_reader.hf_pieces(folder.path, folder.config)
     from safetensors import SafetensorError, safe_open
