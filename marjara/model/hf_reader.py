@@ -1,5 +1,5 @@
-"""Reading a Hugging Face Qwen3 / Qwen3-MoE folder: config.json, model.safetensors or its sharded
-form (model.safetensors.index.json + model-0000N-of-0000M.safetensors), one tensor at a time."""
+"""Reading a Hugging Face Qwen3 / Qwen3-MoE folder: its config, and its weights (one safetensors
+file, or shards listed in an index) one tensor at a time. The file names are model/pretrained.py's."""
 
 from __future__ import annotations
 
@@ -14,15 +14,14 @@ from marjara.model.config import ModelConfig
 from marjara.model.hf_config import MARJARA_KEY, from_hf_config
 from marjara.model.hf_layout import HfLayout, Triple, hf_shapes
 from marjara.model.param_names import TIED_HEAD
-from marjara.model.pretrained import CONFIG_FILE, HF_INDEX_FILE as INDEX_FILE, WEIGHTS_FILE as SINGLE_FILE
 
 
 def is_hf_config(info: dict) -> bool:
     return "model_type" in info and info.get("format") != "marjara"
 
 
-def hf_model_config(path: Path, info: dict) -> ModelConfig:
-    return from_hf_config(info, str(path / CONFIG_FILE))
+def hf_model_config(info: dict, where: str) -> ModelConfig:
+    return from_hf_config(info, where)
 
 
 def hf_tokenizer_name(info: dict) -> str | None:
@@ -36,27 +35,28 @@ def hf_dtype(info: dict) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
 
-def weight_files(path: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it."""
+def weight_files(index: Path, single: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it, from the shards' `index` or the `single` file."""
     from safetensors import SafetensorError, safe_open
 
-    if (path / INDEX_FILE).is_file():
+    path = index.parent
+    if index.is_file():
         try:
-            weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+            weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise MarjaraError(f"{path / INDEX_FILE} is not a safetensors index ({exc}); save the model again") from None
+            raise MarjaraError(f"{index} is not a safetensors index ({exc}); save the model again") from None
         files = {name: path / file for name, file in weight_map.items()}
         for file in sorted(set(files.values())):
             if not file.is_file():
-                raise MarjaraError(f"{path} is incomplete: {file.name}, named in {INDEX_FILE}, is missing")
+                raise MarjaraError(f"{path} is incomplete: {file.name}, named in {index.name}, is missing")
         return files
-    if (path / SINGLE_FILE).is_file():
+    if single.is_file():
         try:
-            with safe_open(str(path / SINGLE_FILE), framework="pt") as stored:
-                return {name: path / SINGLE_FILE for name in stored.keys()}
+            with safe_open(str(single), framework="pt") as stored:
+                return {name: single for name in stored.keys()}
         except SafetensorError as exc:
-            raise MarjaraError(f"cannot read {path / SINGLE_FILE} ({exc}); the file is truncated or corrupt") from None
-    raise MarjaraError(f"{path} holds no {SINGLE_FILE} or {INDEX_FILE}; save the model with safetensors "
+            raise MarjaraError(f"cannot read {single} ({exc}); the file is truncated or corrupt") from None
+    raise MarjaraError(f"{path} holds no {single.name} or {index.name}; save the model with safetensors "
                        "(transformers' save_pretrained does by default)")
 
 
@@ -80,12 +80,11 @@ def hf_shapes_on_disk(files: dict[str, Path]) -> dict[str, torch.Size]:
     return shapes
 
 
-def hf_pieces(path: Path, config: ModelConfig) -> tuple[dict[str, torch.Size], Iterator[Triple]]:
-    """(the folder's tensor shapes, checked against `config`; pieces of MARJARA tensors under export
-    names, one stored tensor at a time). A tied head stored anyway is skipped."""
+def hf_pieces(files: dict[str, Path], config: ModelConfig, path: Path) -> tuple[dict[str, torch.Size], Iterator[Triple]]:
+    """(the tensor shapes of `files` (weight_files), checked against `config`; pieces of MARJARA
+    tensors under export names, one stored tensor at a time). A tied head stored anyway is skipped."""
     from safetensors import safe_open
 
-    files = weight_files(path)
     shapes = hf_shapes_on_disk(files)
     expected = hf_shapes(config)
     if config.tie_embeddings:

@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 
 from marjara.errors import MarjaraError
+from marjara.model import hf_reader
 from marjara.model.config import ModelConfig
 from marjara.model.param_names import EXPERT_PATTERN, TIED_HEAD, global_param_name
 
@@ -115,25 +116,25 @@ class ExportedFolder:
 
 
 def read_folder(path: str | os.PathLike) -> ExportedFolder:
-    from marjara.model import hf_reader
-
     path = Path(path)
     info = _read_config_json(path)
     if hf_reader.is_hf_config(info):
-        hf_reader.weight_files(path)  # present and readable
-        return ExportedFolder(path, "hf", hf_reader.hf_model_config(path, info), hf_reader.hf_tokenizer_name(info),
-                              hf_reader.hf_dtype(info), info)
+        _hf_weight_files(path)  # present and readable
+        return ExportedFolder(path, "hf", hf_reader.hf_model_config(info, str(path / CONFIG_FILE)),
+                              hf_reader.hf_tokenizer_name(info), hf_reader.hf_dtype(info), info)
     info = _check_marjara_config(path, info)
     config = ModelConfig.from_dict(info["model"]).replace(ep_size=1)
     return ExportedFolder(path, FORMAT, config, info["tokenizer"], DTYPES[info["dtype"]], info)
 
 
+def _hf_weight_files(path: Path) -> dict[str, Path]:
+    return hf_reader.weight_files(path / HF_INDEX_FILE, path / WEIGHTS_FILE)
+
+
 def folder_pieces(folder: ExportedFolder) -> tuple[dict[str, torch.Size], Iterator[tuple[str, int, torch.Tensor]]]:
     """(stored shapes, pieces (export name, offset, flat values) one stored tensor at a time)."""
-    from marjara.model import hf_reader
-
     if folder.layout == "hf":
-        return hf_reader.hf_pieces(folder.path, folder.config)
+        return hf_reader.hf_pieces(_hf_weight_files(folder.path), folder.config, folder.path)
     from safetensors import SafetensorError, safe_open
 
     weights = folder.path / WEIGHTS_FILE
