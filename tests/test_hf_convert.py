@@ -13,7 +13,7 @@ from marjara.convert import load_checkpoint_model
 from marjara.model.ffn import inference_routing
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("process_group")]  # MoE models need one
 
 
 def convert_hf(ckpt, out, *flags):

@@ -53,6 +53,7 @@ def test_a_random_transformers_qwen3_trains_under_zero2_on_2_ranks(tmp_path):
     assert meta["model_config"]["d_model"] == 64 and meta["model_config"]["tie_embeddings"] is False
 
 
+@pytest.mark.usefixtures("process_group")  # to build the MoE model exported here
 def test_an_exported_moe_model_trains_with_expert_parallelism(tmp_path):
     from marjara.checkpoint.export_hf import save_pretrained_hf
 
