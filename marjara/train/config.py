@@ -48,6 +48,10 @@ class TrainConfig:
 
     # ---- model
     model_size: str = setting("tiny", "model preset", group="model", choices=list(PRESETS))
+    init_from: str | None = setting(
+        None, "continue pre-training an exported model (python -m marjara.convert, either --format) or a Hugging "
+        "Face Qwen3 / Qwen3-MoE folder: the architecture and weights come from it", group="model",
+        shown="random initial weights", type=str)
     dropout: float = setting(0.0, "dropout probability in attention and the MLP", group="model")
     use_moe: bool = setting(False, "mixture-of-experts FFN on every other layer", group="model")
     num_experts: int = model_setting("num_experts", "experts per MoE layer")
@@ -141,6 +145,10 @@ class TrainConfig:
             values["adam_betas"] = tuple(values["adam_betas"])
         if isinstance(values["data"], list) and len(values["data"]) == 1:  # one path or mix.json stays a str
             values["data"] = values["data"][0]
+        if values["init_from"] is not None:
+            from marjara.train.init_from import apply_init_from
+
+            apply_init_from(values, set(given))
         _check(values, given)
         values["ds_json"] = merge_json(values, set(given), has_gpu)
         if values["seq_len"] is None:

@@ -1,85 +1,91 @@
 """--init_from PATH: continued pre-training from an exported model, in MARJARA's format or a Hugging
 Face Qwen3 / Qwen3-MoE folder.
 
-The architecture comes from the folder; flags that describe the architecture may repeat it but not
-contradict it. Flags that only shape training (dropout, ep_size, capacity factors, aux_loss_coef,
-seq_len) apply as usual. The weights are copied into the model before DeepSpeed wraps it, so every
-ZeRO stage partitions them as it would fresh ones; under expert parallelism each rank takes the
-experts its expert-parallel rank holds.
+The architecture comes from the folder: TrainConfig's model settings are set from it, and a flag
+given on the command line that contradicts it stops the run. Settings that only shape training
+(dropout, ep_size, capacity factors, aux_loss_coef, seq_len) apply as usual. The weights are
+copied into the model before DeepSpeed wraps it, so every ZeRO stage partitions them as it would
+fresh ones; under expert parallelism each rank takes the experts of its expert-parallel rank.
 """
 
 from __future__ import annotations
 
-import argparse
+from typing import Any
 
-import torch
 from torch import nn
 
 from marjara.errors import MarjaraError
 from marjara.model.config import PRESETS, ModelConfig
 from marjara.model.pretrained import ExportedFolder, load_weights, read_folder
 
-# flag -> ModelConfig field, for the flags that describe the architecture
-ARCHITECTURE_FLAGS = {"num_experts": "num_experts", "top_k": "top_k", "moe_layer_freq": "moe_layer_freq",
-                      "use_residual": "use_residual"}
-TRAINING_FIELDS = ("dropout", "ep_size", "capacity_factor", "eval_capacity_factor", "min_capacity", "aux_loss_coef")
+# TrainConfig settings that describe the architecture (besides model_size, which a folder replaces).
+ARCHITECTURE = ("use_moe", "num_experts", "top_k", "moe_layer_freq", "use_residual")
+# MoE settings of the run itself: how experts are placed and routed in training.
+TRAINING = ("ep_size", "capacity_factor", "eval_capacity_factor", "min_capacity", "aux_loss_coef")
+LONGEST_PRESET = max(preset["max_seq_len"] for preset in PRESETS.values())
 
 
-def explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
-    """The destinations of the flags given on the command line (not left at their defaults)."""
-    quiet = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for action in parser._actions:
-        if action.option_strings and not isinstance(action, argparse._HelpAction):
-            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
-            if action.nargs == 0:
-                kwargs["action"] = "store_const"
-                kwargs["const"] = action.const
-            else:
-                kwargs["nargs"] = action.nargs
-            quiet.add_argument(*action.option_strings, **kwargs)
-    known, _ = quiet.parse_known_args(argv)
-    return set(vars(known))
+def apply_init_from(values: dict[str, Any], given: set[str]) -> None:
+    """TrainConfig.from_flags' step for --init_from: the folder's architecture into `values`, after
+    checking the flags given against it; seq_len defaults to the model's context (at most the
+    longest preset's)."""
+    folder = read_folder(values["init_from"])
+    config, where = folder.config, f"--init_from {values['init_from']}"
+    if "model_size" in given:
+        raise MarjaraError(f"{where} gives the architecture; drop --model_size {values['model_size']}")
+    for name in ARCHITECTURE:
+        if name in given and values[name] != getattr(config, name):
+            shown = "" if isinstance(values[name], bool) else f" {values[name]}"
+            raise MarjaraError(f"--{name}{shown} contradicts {where}, whose {name} is {getattr(config, name)}; "
+                               f"drop --{name}")
+        values[name] = getattr(config, name)
+    if values["seq_len"] is None:
+        values["seq_len"] = min(config.max_seq_len, LONGEST_PRESET)
 
 
-def init_config(folder: ExportedFolder, args, explicit: set[str], seq_len: int) -> ModelConfig:
-    """The folder's architecture with this run's training settings; one line for a contradicting flag."""
+def init_model_config(folder: ExportedFolder, cfg) -> ModelConfig:
+    """The folder's model with this run's training settings."""
     config = folder.config
-    where = f"--init_from {folder.path}"
-    if "model_size" in explicit:
-        raise MarjaraError(f"{where} takes the architecture from the folder; drop --model_size {args.model_size}")
-    if "use_moe" in explicit and not config.use_moe:
-        raise MarjaraError(f"{where} is a dense model; drop --use_moe (the folder decides the architecture)")
-    for flag, field in ARCHITECTURE_FLAGS.items():
-        if flag in explicit and getattr(args, flag) != getattr(config, field):
-            raise MarjaraError(f"--{flag} {getattr(args, flag)} contradicts {where}, whose {field} is "
-                               f"{getattr(config, field)}; drop --{flag}")
-    changes = {"dropout": args.dropout, "max_seq_len": max(seq_len, config.max_seq_len)}
+    changes: dict[str, Any] = {"dropout": cfg.dropout, "max_seq_len": max(cfg.seq_len, config.max_seq_len)}
     if config.use_moe:
-        changes.update({field: getattr(args, field) for field in TRAINING_FIELDS if field in explicit or field == "ep_size"})
-    return config.replace(**changes, preset="custom").replace()
+        changes.update({name: getattr(cfg, name) for name in TRAINING})
+    return config.replace(**changes)
 
 
-def open_init_folder(path: str) -> ExportedFolder:
-    return read_folder(path)
+def data_tokenizer(folder: ExportedFolder, data: str | None, tokenizer: str | None) -> str | None:
+    """The tokenizer to open the data with: the one asked for; else, for text tokenised on the fly
+    (the built-in corpus, a .txt), the folder's; else the one prepared data records."""
+    if tokenizer is None and (data is None or data.endswith(".txt")):
+        return folder.tokenizer
+    return tokenizer
 
 
-def default_seq_len(folder: ExportedFolder) -> int:
-    """The preset-independent default sequence length: the model's own, capped like the presets'."""
-    return min(folder.config.max_seq_len, max(p["max_seq_len"] for p in PRESETS.values()))
+def check_data_tokenizer(folder: ExportedFolder, data_tokenizer_name: str, description: str) -> None:
+    if folder.tokenizer is not None and folder.tokenizer != data_tokenizer_name:
+        raise MarjaraError(
+            f"--init_from {folder.path} was trained with tokenizer {folder.tokenizer!r} but the data ({description}) is "
+            f"tokenized with {data_tokenizer_name!r}; train on text or data prepared with {folder.tokenizer!r}"
+        )
 
 
 def expert_parallel_rank(model: nn.Module, use_data_before_expert_parallelism: bool) -> int:
-    """This rank's expert-parallel rank, from the groups DeepSpeed's MoE layers create (the engine
-    later finds them made and reuses them)."""
+    """This rank's expert-parallel rank, read from the expert groups DeepSpeed's MoE layers use:
+    made here as MoE.set_deepspeed_parallelism makes them (the engine then finds them made)."""
     from deepspeed.moe.layer import MoE
+    from deepspeed.utils import groups
 
     for module in model.modules():
         if isinstance(module, MoE):
-            module.set_deepspeed_parallelism(use_data_before_expert_parallelism)
-            return torch.distributed.get_rank(group=module.deepspeed_moe.ep_group)
+            name = module.expert_group_name
+            if name not in groups._get_expert_parallel_group_dict():
+                groups._create_expert_and_data_parallel(
+                    module.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallelism)
+            return groups._get_expert_parallel_rank(name)
     return 0
 
 
-def load_init_weights(model: nn.Module, folder: ExportedFolder, use_data_before_expert_parallelism: bool) -> None:
-    ep_rank = expert_parallel_rank(model, use_data_before_expert_parallelism) if model.config.use_moe else 0
+def load_init_weights(model: nn.Module, folder: ExportedFolder, ds_config: dict) -> None:
+    ep_rank = 0
+    if model.config.use_moe:
+        ep_rank = expert_parallel_rank(model, bool(ds_config.get("use_data_before_expert_parallelism", False)))
     load_weights(model, folder, ep_rank)

@@ -15,6 +15,8 @@ import torch
 
 from marjara.data import TrainStream, open_data, validation_batches
 from marjara.distributed import ensure_process_group, rank, world_size
+from marjara.model.pretrained import read_folder
+from marjara.train import init_from
 from marjara.train.allocator import active_allocator
 from marjara.train.build import build_engine, build_model, compile_model, model_config, quiet_libraries
 from marjara.train.config import TrainConfig
@@ -42,8 +44,12 @@ class Learner:
         resume = Resume(cfg.resume, cfg.zero_stage, self.world, self.rank) if cfg.resume else None
         self.resumed_from = resume.point if resume else None
 
-        self.data = open_data(cfg.data, cfg.seq_len, cfg.tokenizer)
-        self.config = model_config(cfg, self.data.vocab_size)
+        init = read_folder(cfg.init_from) if cfg.init_from else None
+        tokenizer = init_from.data_tokenizer(init, cfg.data, cfg.tokenizer) if init else cfg.tokenizer
+        self.data = open_data(cfg.data, cfg.seq_len, tokenizer)
+        if init:
+            init_from.check_data_tokenizer(init, self.data.tokenizer_name, self.data.description)
+        self.config = init_from.init_model_config(init, cfg) if init else model_config(cfg, self.data.vocab_size)
         self.data.check_model_vocab(self.config.vocab_size)
         if resume:
             resume.check_compatible(self.config, self.data.tokenizer_name)
@@ -54,6 +60,9 @@ class Learner:
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(self.config, cfg.grad_checkpointing, ds_config)
+        if init and not resume:  # a resumed run has trained weights of its own
+            init_from.load_init_weights(model, init, ds_config)
+            self.report.print(f"initialised from {init.describe()}")
         self.engine, group_hparams = build_engine(model, cfg, resume.engine_config(ds_config) if resume else ds_config)
         self.model = self.engine.module
         self.ema = WeightEMA(self.model, cfg.ema_decay, cfg.zero_stage) if cfg.ema_decay > 0 else None
