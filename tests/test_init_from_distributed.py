@@ -17,6 +17,7 @@ from train_helpers import QUICK, run_train, train_losses
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
 SEQ, BATCH, SEED = 32, 2, 5
+RUN = [flag for i, flag in enumerate(QUICK) if "--model_size" not in QUICK[max(i - 1, 0): i + 1]]  # the folder's
 
 
 def first_step_loss(hf, world: int = 2) -> float:
@@ -32,7 +33,7 @@ def first_step_loss(hf, world: int = 2) -> float:
 
 
 def train_from(folder, out, *extra):
-    run_train([*QUICK, "--seq_len", str(SEQ), "--batch_size", str(BATCH), "--seed", str(SEED), "--max_steps", "2",
+    run_train([*RUN, "--seq_len", str(SEQ), "--batch_size", str(BATCH), "--seed", str(SEED), "--max_steps", "2",
                "--init_from", str(folder), "--out_dir", str(out), *extra], nproc=2)
     return train_losses(out)
 
