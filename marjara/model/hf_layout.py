@@ -148,26 +148,30 @@ class HfLayout:
 
 
 def _part_pieces(part: Part, width: int, start: int, values: torch.Tensor) -> Iterator[Triple]:
-    """values = elements start.. of `part` (flat, MARJARA order) as pieces of the Hugging Face tensor."""
+    """values = elements start.. of `part` (flat, MARJARA order) as pieces of the Hugging Face tensor:
+    the whole heads among them as one permuted block, the rows of a head cut at either end one by one."""
     if not part.head_dim:
         yield part.name, start, values
         return
     group = part.head_dim * width
     perm = _rows_first(part.head_dim)
     inverse = torch.argsort(perm)
-    position, end = start, start + values.numel()
-    while position < end:
-        g = position // group
-        stop = min(end, (g + 1) * group)
-        chunk = values[position - start: stop - start]
-        if position == g * group and stop == (g + 1) * group:  # a whole head: one permuted block
-            yield part.name, g * group, chunk.view(part.head_dim, width)[perm].reshape(-1)
-        else:  # part of a head: row by row
-            row_pos = position
-            while row_pos < stop:
-                row, col = divmod(row_pos - g * group, width)
-                row_end = min(stop, g * group + (row + 1) * width)
-                target = g * group + int(inverse[row]) * width + col
-                yield part.name, target, values[row_pos - start: row_end - start]
-                row_pos = row_end
-        position = stop
+    end = start + values.numel()
+    first_whole, last_whole = -(-start // group) * group, end // group * group
+
+    def rows(lo: int, hi: int) -> Iterator[Triple]:
+        position = lo
+        while position < hi:
+            head, within = divmod(position, group)
+            row, col = divmod(within, width)
+            stop = min(hi, head * group + (row + 1) * width)
+            yield part.name, head * group + int(inverse[row]) * width + col, values[position - start: stop - start]
+            position = stop
+
+    if first_whole >= last_whole:  # within one head
+        yield from rows(start, end)
+        return
+    yield from rows(start, first_whole)
+    heads = values[first_whole - start: last_whole - start].view(-1, part.head_dim, width)
+    yield part.name, first_whole, heads[:, perm].reshape(-1)
+    yield from rows(last_whole, end)
