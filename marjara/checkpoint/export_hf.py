@@ -34,6 +34,7 @@ from marjara.fileio import atomic_path, write_json_atomic
 from marjara.model.config import ModelConfig
 from marjara.model.hf_config import to_hf_config
 from marjara.model.hf_layout import HfLayout, hf_shapes
+from marjara.model.param_names import TIED_HEAD
 from marjara.model.pretrained import (CONFIG_FILE, DTYPE_NAMES, HF_GENERATION_CONFIG_FILE, HF_INDEX_FILE as INDEX_FILE,
                                       HF_TOKENIZER_CONFIG_FILE, HF_TOKENIZER_FILE, WEIGHTS_FILE as SINGLE_FILE,
                                       hf_record)
@@ -133,7 +134,7 @@ def save_pretrained_hf(model, out_dir: str | os.PathLike, tokenizer: str, dtype:
         raise MarjaraError(f"this model holds only its rank's experts (ep_size {config.ep_size}); convert its checkpoint instead")
     state = model.state_dict()
     if config.tie_embeddings:
-        state.pop("lm_head.weight", None)
+        state.pop(TIED_HEAD, None)
     pieces = (Piece(name, 0, tensor.reshape(-1)) for name, tensor in state.items())
     return write_hf_export(out_dir, config, tokenizer, None, pieces, dtype, "the model's state dict", overwrite,
                            max_shard_size)
