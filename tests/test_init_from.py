@@ -38,21 +38,27 @@ def exported(tmp_path, layout: str, **overrides):
     return model, tmp_path / layout
 
 
-@pytest.mark.parametrize("layout, overrides", [
-    ("hf", {"tie_embeddings": False, "rope_theta": 500000.0, "n_kv_heads": 1}),
-    ("hf", {"use_moe": True, "num_experts": 4, "top_k": 2}),
-    ("marjara", {"use_moe": True, "num_experts": 4, "top_k": 1}),
-], ids=["hf_dense", "hf_moe", "marjara_moe"])
-def test_init_from_gives_the_exported_tensors_and_architecture(tmp_path, layout, overrides):
+@pytest.mark.parametrize("layout, overrides, stage", [
+    ("hf", {"tie_embeddings": False, "rope_theta": 500000.0, "n_kv_heads": 1}, 0),
+    ("hf", {"tie_embeddings": False, "rope_theta": 500000.0, "n_kv_heads": 1}, 3),
+    ("hf", {"use_moe": True, "num_experts": 4, "top_k": 2}, 0),
+    ("marjara", {"use_moe": True, "num_experts": 4, "top_k": 1}, 2),
+], ids=["hf_dense", "hf_dense_zero3", "hf_moe", "marjara_moe_zero2"])
+def test_init_from_gives_the_exported_tensors_and_architecture(tmp_path, layout, overrides, stage):
+    import deepspeed
+
     from marjara.train.learner import Learner
 
     model, folder = exported(tmp_path, layout, **overrides)
     learner = Learner(parse_config([*RUN, "--init_from", str(folder), "--out_dir", str(tmp_path / "run"),
-                                    "--dropout", "0.1"]))
+                                    "--dropout", "0.1", "--deepspeed_config", f"ds_configs/zero{stage}.json"]))
     try:
         assert learner.config.differences(model.config) == []  # architecture from the folder
         assert learner.config.dropout == 0.1  # training settings from the flags
-        ours, theirs = learner.model.state_dict(), model.state_dict()
+        params = list(learner.model.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):  # ZeRO-3 partitioned them
+            ours = {name: tensor.clone() for name, tensor in learner.model.state_dict().items()}
+        theirs = model.state_dict()
         assert ours.keys() == theirs.keys()
         for name in ours:
             assert torch.equal(ours[name], theirs[name]), name
