@@ -52,10 +52,10 @@ def init_model_config(folder: ExportedFolder, cfg) -> ModelConfig:
     return config.replace(**changes)
 
 
-def data_tokenizer(folder: ExportedFolder, data: str | None, tokenizer: str | None) -> str | None:
+def data_tokenizer(folder: ExportedFolder, data: str | list[str] | None, tokenizer: str | None) -> str | None:
     """The tokenizer to open the data with: the one asked for; else, for text tokenised on the fly
-    (the built-in corpus, a .txt), the folder's; else the one prepared data records."""
-    if tokenizer is None and (data is None or data.endswith(".txt")):
+    (the built-in corpus, a .txt), the folder's; else the one prepared data (or a mixture) records."""
+    if tokenizer is None and (data is None or (isinstance(data, str) and data.endswith(".txt"))):
         return folder.tokenizer
     return tokenizer
 
