@@ -67,18 +67,19 @@ def main(argv=None) -> int:
         import lm_eval  # noqa: F401
     except ImportError:
         raise MarjaraError(f"lm-evaluation-harness is not installed; {INSTALL_HINT}") from None
-    from marjara.eval.task_check import check_tasks
-
-    check_tasks(args.tasks, _include_path(rest))  # before lm-eval spends its start-up on a bad name
     from lm_eval.__main__ import cli_evaluate
 
     import marjara.eval.lm_eval_adapter  # noqa: F401  (registers the "marjara" model)
     from marjara.checkpoint.inference import resolve_model_path
     from marjara.compat import skip_builtin_task_index
 
-    # A bad model folder gets our one-line error before lm-eval spends seconds indexing tasks.
+    from marjara.eval.task_check import check_tasks
+
+    # A bad model folder, model flag or task name gets our one-line error before lm-eval spends
+    # seconds indexing tasks.
     resolve_model_path(args.model, args.tag, args.ema)
     argv_for_lm_eval = lm_eval_argv(args, rest)
+    check_tasks(args.tasks, _include_path(rest))
     skip_builtin_task_index(args.tasks, _include_path(rest))
     saved, sys.argv = sys.argv, argv_for_lm_eval
     try:
