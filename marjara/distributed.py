@@ -1,4 +1,9 @@
-"""Process-group bootstrap: the same code runs under a launcher or as one plain process."""
+"""Process-group bootstrap, and the one place MARJARA issues collectives.
+
+Every collective of MARJARA's own (not DeepSpeed's) goes through the functions below: they place
+tensors on the accelerator's current device (NCCL serves CUDA tensors only; gloo would take any)
+and take the same path at world size 1 as at N, so a one-GPU run exercises every one of them.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,9 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
+import torch
 import torch.distributed as dist
 
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -62,8 +68,7 @@ def _remove_shm_buffer_at_exit() -> None:
     """Each rank removes its own buffer when its process ends, however it ends (short of SIGKILL).
     The peers map it while their process group starts; the barrier makes sure every rank is past
     that, so the name is free to go (mappings stay valid after the unlink)."""
-    if world_size() > 1:
-        dist.barrier()
+    barrier()
     path = shm_buffer_path()
     if path.exists():
         atexit.register(path.unlink, missing_ok=True)
@@ -77,6 +82,73 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+# ---- collectives ------------------------------------------------------------------------
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def accelerator_device() -> torch.device:
+    """The device collectives use: the accelerator's current device (cuda:LOCAL_RANK, or cpu)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def _on_device(tensor: torch.Tensor, empty: bool = False) -> torch.Tensor:
+    """A copy of `tensor` on the accelerator's device (never the caller's tensor itself), or with
+    `empty` an uninitialised tensor of its shape and dtype there. Every tensor the functions below
+    hand to torch.distributed comes from here."""
+    if empty:
+        return torch.empty(tensor.shape, dtype=tensor.dtype, device=accelerator_device())
+    return tensor.detach().to(accelerator_device(), non_blocking=True, copy=True)
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """The reduction over the group's ranks of a copy of `tensor`, on the accelerator's device;
+    `tensor` itself is left as it was."""
+    result = _on_device(tensor)
+    if dist.is_initialized():
+        dist.all_reduce(result, op=_OPS[op], group=group)
+    return result
+
+
+def all_gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """Every rank's `tensor` (same shape on all ranks), in group-rank order, on the accelerator's device."""
+    mine = _on_device(tensor)
+    if not dist.is_initialized():
+        return [mine]
+    pieces = [_on_device(mine, empty=True) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(pieces, mine, group=group)
+    return pieces
+
+
+def broadcast_(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
+    """Overwrite `tensor` in place with global rank `src`'s; returns it."""
+    if not dist.is_initialized():
+        return tensor
+    on_device = tensor.detach() if tensor.device == accelerator_device() else _on_device(tensor)
+    dist.broadcast(on_device, src=src, group=group)
+    if on_device.data_ptr() != tensor.data_ptr():
+        with torch.no_grad():
+            tensor.copy_(on_device)
+    return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:
+    """Rank `src`'s picklable `obj` on every rank (torch's object API, through the accelerator's device)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group, device=accelerator_device())
+    return box[0]
+
+
+def barrier(group=None) -> None:
+    """Wait for every rank of the group: an all-reduce of one element on the accelerator's device,
+    so that it, too, reaches the backend only with a tensor of the type the backend serves. Reading
+    the result makes the host wait (an NCCL collective only orders the device's stream)."""
+    all_reduce(torch.ones(1, dtype=torch.int64), group=group).item()
+
+
 def shutdown() -> None:
     """Leave the process group together, at the end of a distributed job.
 
@@ -87,8 +159,7 @@ def shutdown() -> None:
     """
     if not dist.is_initialized():
         return
-    if dist.get_world_size() > 1:
-        dist.barrier()
+    barrier()
     import deepspeed.comm
 
     if deepspeed.comm.is_initialized():

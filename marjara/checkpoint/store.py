@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from marjara import distributed
 from marjara.checkpoint.format import (FILES_KEY, LATEST, META_FILE, UNIVERSAL_DONE, Checkpoint, complete_tags,
                                        meta_json, rank_file_name, tag_for, universal_tag_for)
 from marjara.checkpoint.verify import build_manifest
@@ -48,12 +48,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return distributed.rank()
 
 
 def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    distributed.barrier()
 
 
 def save(engine, out_dir: str | Path, step: int, meta: dict, rank_state: dict, keep_last: int) -> Path:
@@ -124,10 +123,7 @@ def universal_tag(point: Checkpoint) -> str:
         else:
             done.write_text("converted by deepspeed.checkpoint.ds_to_universal\n")
     # Every rank learns the outcome (the others would otherwise wait for rank 0 until the timeout).
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        outcome = [error]
-        dist.broadcast_object_list(outcome, src=0)
-        error = outcome[0]
+    error = distributed.broadcast_object(error, src=0)
     if error:
         raise MarjaraError(error)
     return tag

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from marjara import distributed
 from marjara.checkpoint.format import EMA_REPLICATED as REPLICATED
 from marjara.checkpoint.format import EMA_ZERO3_SHARDS as ZERO3_SHARDS
 from marjara.compat import expert_groups
@@ -129,8 +130,7 @@ class WeightEMA:
                 group, owner = self._owner[name]
                 if owner == self.rank:
                     target.copy_(self.values[name])
-                if self.world_size > 1:
-                    dist.broadcast(target.data, src=owner, group=group)
+                distributed.broadcast_(target, src=owner, group=group)
         try:
             yield
         finally:
@@ -144,14 +144,9 @@ class WeightEMA:
                     target.copy_(backups[name])
 
     def _gather_full(self, name: str) -> torch.Tensor:
-        shard = self.values[name]
-        if self.world_size == 1:
-            pieces = [shard]
-        else:
-            pieces = [torch.empty_like(shard) for _ in range(self.world_size)]
-            dist.all_gather(pieces, shard)
+        pieces = distributed.all_gather(self.values[name])
         numel = int(torch.Size(self.shapes[name]).numel())
-        return torch.cat(pieces)[:numel].reshape(self.shapes[name])
+        return torch.cat(pieces)[:numel].reshape(self.shapes[name]).to(self.values[name].device)
 
 
 def _local_experts(module: nn.Module) -> int:
