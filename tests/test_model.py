@@ -191,10 +191,14 @@ def test_moe_parameter_counts_total_and_active():
 def test_moe_forward_backward_aux_loss_and_expert_counts(top_k):
     model = build(use_moe=True, num_experts=4, top_k=top_k, capacity_factor=4.0).train()
     idx = torch.randint(0, VOCAB, (2, 16))
-    logits, loss = model(idx, targets=idx)
-    ce = F.cross_entropy(logits.view(-1, VOCAB), idx.view(-1))
-    assert model.last_aux_loss is not None and model.last_aux_loss > 0
-    torch.testing.assert_close(loss, ce + model.config.aux_loss_coef * model.last_aux_loss)
+    hidden = []
+    handle = model.norm.register_forward_hook(lambda _m, _i, out: hidden.append(out.detach()))
+    _, loss = model(idx, targets=idx)
+    handle.remove()
+    aux = model.last_aux_loss
+    ce = F.cross_entropy(model.lm_head(hidden[0]).view(-1, VOCAB), idx.view(-1))  # same forward's routing
+    assert aux is not None and aux > 0
+    torch.testing.assert_close(loss, ce + model.config.aux_loss_coef * aux)
     assert sorted(model.last_expert_counts) == model.config.moe_layers
     for counts in model.last_expert_counts.values():
         assert counts.shape == (4,) and int(counts.sum()) == 2 * 16 * top_k

@@ -6,7 +6,6 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from marjara.model.attention import Attention, RMSNorm
@@ -14,6 +13,7 @@ from marjara.model.cache import KVCache
 from marjara.model.config import ModelConfig
 from marjara.errors import MarjaraError
 from marjara.model.ffn import MoEFeedForward, SwiGLU
+from marjara.model.head import OutputHead
 from marjara.model.param_names import is_expert_param
 from marjara.model.pretrained import load_weights, read_folder, set_dtype
 from marjara.model.rope import RotaryEmbedding
@@ -51,7 +51,7 @@ class MarjaraModel(nn.Module):
         self.emb_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = OutputHead(config.d_model, config.vocab_size)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -96,15 +96,17 @@ class MarjaraModel(nn.Module):
         return self.norm(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx, targets: (B, T) token ids (targets -1 are ignored). Returns (logits, loss);
-        loss is cross-entropy plus aux_loss_coef x the summed MoE aux losses, None without targets."""
-        logits = self.lm_head(self.hidden_states(idx))
+        """idx, targets: (B, T) token ids (targets -1 are ignored). Without targets: (logits, None).
+        With targets: (None, loss), loss = cross-entropy + aux_loss_coef x the summed MoE aux
+        losses; the cross-entropy runs over slices of the tokens (marjara/model/head.py), so the
+        whole micro-batch's logits never exist."""
+        hidden = self.hidden_states(idx)
         if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            return self.lm_head(hidden), None
+        loss = self.lm_head(hidden, targets)
         if self.last_aux_loss is not None:
             loss = loss + self.config.aux_loss_coef * self.last_aux_loss
-        return logits, loss
+        return None, loss
 
     # ---- sizes --------------------------------------------------------------------------
     def _counts(self) -> tuple[int, int, int]:
