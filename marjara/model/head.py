@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 # fp32 logits held per slice. Smaller slices save little more (the slice's logits are no longer the
 # step's largest tensor) but add a pass over the output matrix's gradient for each slice.
-CHUNK_LOGIT_BYTES = 512 * 2**20
+CHUNK_LOGIT_BYTES = 256 * 2**20
 
 
 def tokens_per_chunk(vocab_size: int, budget: int = CHUNK_LOGIT_BYTES) -> int:
