@@ -35,7 +35,7 @@ from marjara.model.config import PRESETS, ModelConfig  # noqa: E402
 from marjara.distributed import ensure_process_group, exit_now, rank, shutdown, world_size  # noqa: E402
 from marjara.train.config import TrainConfig  # noqa: E402
 from marjara.train.engine import initialize_engine  # noqa: E402
-from marjara.train.metrics import device_peak_tflops  # noqa: E402
+from marjara.train.metrics import device_peak_tflops, mfu_report  # noqa: E402
 from marjara.model import MarjaraModel  # noqa: E402
 from marjara.train.optim import build_adamw, parameter_groups  # noqa: E402
 from marjara.planner.measure import model_state_bytes  # noqa: E402
@@ -148,7 +148,8 @@ def throughput(args) -> dict:
     """The engine-vs-plain table, under whichever malloc this process has; returns the medians."""
     ensure_process_group()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peak, source = device_peak_tflops(args.peak_tflops)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
+    peak, source = device_peak_tflops(args.peak_tflops, dtype)
     model = build(args.preset)
     flops_per_token = model.flops_per_token(args.seq_len)
     print(f"preset {args.preset} ({model.num_parameters() / 1e6:.1f}M params), {args.grad_accum} micro-batch(es) "
@@ -164,8 +165,9 @@ def throughput(args) -> dict:
     base = medians["plain PyTorch"]
     print(f"{'loop':<16}{'tokens/s':>12}{'vs plain':>10}{'MFU':>8}")
     for name, tps in medians.items():
-        mfu = flops_per_token * tps / (peak * 1e12) if peak else float("nan")
-        print(f"{name:<16}{tps:>12,.0f}{tps / base:>9.2f}x{mfu:>8.1%}")
+        values, _ = mfu_report(flops_per_token, tps, peak, devices=1)
+        mfu = f"{values['train/mfu']:.1%}" if values else "n/a"  # n/a: above 100 %, the peak is wrong
+        print(f"{name:<16}{tps:>12,.0f}{tps / base:>9.2f}x{mfu:>8}")
     print("goal: engine >= 0.95x the plain loop at ZeRO 0/1 on one rank", flush=True)
     return medians
 
