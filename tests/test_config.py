@@ -66,5 +66,22 @@ def test_differences_list_architecture_fields_only():
     assert a.differences(a.replace(dropout=0.2, ep_size=2)) == []
 
 
-def test_presets_table_has_exactly_four_entries():
-    assert list(PRESETS) == ["tiny", "small", "medium", "large"]
+def test_presets_table_holds_the_seeds_four_and_two_gpu_scale_ones():
+    assert list(PRESETS) == ["tiny", "small", "medium", "large", "1b", "7b"]
+
+
+def test_gpu_scale_presets():
+    """1b: about 1.2B parameters; 7b: Llama-2-7B's dimensions with grouped-query attention.
+    Built on the meta device: shapes without memory."""
+    import torch
+
+    from marjara.model import MarjaraModel
+
+    with torch.device("meta"):
+        one_b = MarjaraModel(ModelConfig.from_preset("1b"))
+        seven_b = MarjaraModel(ModelConfig.from_preset("7b"))
+    assert 1.1e9 < one_b.num_parameters() < 1.3e9
+    c = seven_b.config
+    assert (c.d_model, c.n_layers, c.n_heads, c.ffn_hidden_size, c.tie_embeddings) == (4096, 32, 32, 11008, False)
+    assert c.n_kv_heads < c.n_heads and c.head_dim == 128
+    assert 5.9e9 < seven_b.num_parameters() < 6.3e9  # Llama-2-7B's 6.7B has 32 K/V heads and 32k tokens

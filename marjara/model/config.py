@@ -16,6 +16,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(d_model=256, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=512),
     "medium": dict(d_model=512, n_layers=12, n_heads=8, n_kv_heads=4, max_seq_len=1024),
     "large": dict(d_model=768, n_layers=24, n_heads=12, n_kv_heads=4, max_seq_len=1024),
+    # GPU scale. 1b: about 1.2B parameters (head_dim 128, 4 query heads per K/V head). 7b: Llama-2-7B's
+    # dimensions (its SwiGLU width, untied output matrix) with 8 K/V heads instead of 32.
+    "1b": dict(d_model=2048, n_layers=24, n_heads=16, n_kv_heads=4, max_seq_len=2048),
+    "7b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden_size=11008,
+               tie_embeddings=False, max_seq_len=4096),
 }
 
 # GPT-2's 50257 tokens padded to a multiple of 64 (faster matmuls); overridden per tokenizer.
