@@ -19,6 +19,9 @@ from marjara.model.pretrained import load_weights, read_folder, set_dtype
 from marjara.model.rope import RotaryEmbedding
 
 
+_RESIDUAL_OUTPUTS = ("attn.wo.weight", "w_down.weight")
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -55,16 +58,20 @@ class MarjaraModel(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
-        # Residual-branch outputs scaled by 1/sqrt(2 * n_layers) (GPT-2): the residual stream's
-        # variance then stays independent of depth at init.
-        scaled_std = config.init_std / math.sqrt(2 * config.n_layers)
         for name, param in self.named_parameters():
-            if name.endswith(("attn.wo.weight", "w_down.weight")):
-                nn.init.normal_(param, mean=0.0, std=scaled_std)
+            if name.endswith(_RESIDUAL_OUTPUTS):
+                nn.init.normal_(param, mean=0.0, std=self.init_std_for(name))
         # Set by a trainer: checkpoint_fn(function, *args) recomputes `function` in backward.
         self.checkpoint_fn: Callable | None = None
         self.last_aux_loss: torch.Tensor | None = None
         self.last_expert_counts: dict[int, torch.Tensor] = {}
+
+    def init_std_for(self, name: str) -> float:
+        """The initial standard deviation of matrix `name`. Residual-branch outputs are scaled by
+        1/sqrt(2 * n_layers) (GPT-2): the residual stream's variance then stays independent of depth."""
+        if name.endswith(_RESIDUAL_OUTPUTS):
+            return self.config.init_std / math.sqrt(2 * self.config.n_layers)
+        return self.config.init_std
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

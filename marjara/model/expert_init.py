@@ -1,0 +1,45 @@
+"""Initial expert weights that depend on the global expert, not on the rank holding it.
+
+DeepSpeed's MoE layer makes its local experts as copies of one module and the model's
+initialisation then draws them from the global RNG, which every rank seeds alike: under expert
+parallelism local expert i of every expert-parallel rank starts from the same draw, so global
+experts e and e + local_count start bit-identical. Drawing each expert from a generator seeded by
+(seed, layer, global expert index) makes experts distinct across the ranks of an expert-parallel
+group, identical across the data-parallel replicas of the same expert, and the same whatever
+ep_size is. Dense weights are not touched (identical on every rank), nor is the global RNG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+
+def _generator(seed: int, layer: int, expert: int) -> torch.Generator:
+    digest = hashlib.sha256(f"marjara-expert/{seed}/{layer}/{expert}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+@torch.no_grad()
+def init_experts(model: nn.Module, seed: int) -> None:
+    """Re-draw every expert matrix of `model` (a MarjaraModel) from its global expert's generator.
+    Creates DeepSpeed's expert-parallel groups when they do not exist yet (the engine reuses them)."""
+    from deepspeed.utils import groups
+
+    for block in model.blocks:
+        if not block.is_moe:
+            continue
+        moe = block.ffn.moe
+        moe.set_deepspeed_parallelism()
+        ep_rank = groups._get_expert_parallel_rank(moe.expert_group_name)
+        local = moe.num_local_experts
+        for index, expert in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
+            generator = _generator(seed, block.layer, ep_rank * local + index)
+            for name, param in expert.named_parameters():
+                if param.dim() < 2:
+                    continue  # SwiGLU experts have no vectors; a bias would stay as initialised
+                std = model.init_std_for(name)
+                draw = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+                param.copy_(draw)
