@@ -1,0 +1,45 @@
+"""Micro-batches on the training device, each one's copy started before the previous one is used.
+
+The stream's next batch is cut from the token files on the host while the device computes the
+current one (nothing waits on the device in between); on a GPU its tensors go through pinned
+memory with non_blocking copies, so the copy overlaps compute too. The position a checkpoint
+records is that of the batches handed out, not of the one fetched ahead, so resume is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from marjara.data import TrainStream
+
+
+class DeviceBatches:
+    def __init__(self, stream: TrainStream, device: torch.device) -> None:
+        self.stream = stream
+        self.device = torch.device(device)
+        self._ahead: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self._consumed = stream.samples_consumed
+
+    def _fetch(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        x, y = self.stream.next_micro_batch()
+        consumed = self.stream.samples_consumed
+        if self.device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), consumed
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next micro-batch (x, y) on the device."""
+        x, y, self._consumed = self._ahead if self._ahead is not None else self._fetch()
+        self._ahead = None
+        return x, y
+
+    def prefetch(self) -> None:
+        """Start on the micro-batch after the one last handed out (call once the current one's
+        work is queued on the device)."""
+        if self._ahead is None:
+            self._ahead = self._fetch()
+
+    @property
+    def samples_consumed(self) -> int:
+        """The stream's position after the batches handed out so far (what a checkpoint records)."""
+        return self._consumed
