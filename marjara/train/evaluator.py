@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from marjara import distributed
 from marjara.model.ffn import moe_eval_routing
 
 
@@ -37,19 +37,21 @@ class Evaluator:
 
     @torch.no_grad()
     def set_loss(self, batches: list) -> float:
-        """Mean validation cross-entropy over one set's fixed batches, of all ranks."""
-        self.engine.eval()
-        totals = torch.zeros(2, dtype=torch.float64)
-        with moe_eval_routing(self.engine.module, self.moe_routing):
+        """Mean validation cross-entropy over one set's fixed batches, of all ranks. The sums stay
+        on the device; the one read is of the all-reduced totals."""
+        engine = self.engine
+        engine.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
+        with moe_eval_routing(engine.module, self.moe_routing):
             for x, y in batches:
-                logits, _ = self.engine(x.to(self.engine.device))
-                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.to(logits.device).view(-1),
-                                       reduction="sum", ignore_index=-1)
-                totals += torch.tensor([loss.item(), int((y != -1).sum())], dtype=torch.float64)
-        self.engine.train()
-        if self.world > 1:
-            dist.all_reduce(totals)
-        return float(totals[0] / totals[1])
+                x, y = x.to(engine.device, non_blocking=True), y.to(engine.device, non_blocking=True)
+                logits, _ = engine(x)
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum",
+                                       ignore_index=-1)
+                totals += torch.stack([loss.double(), (y != -1).sum().double()])
+        engine.train()
+        totals = distributed.all_reduce(totals).tolist()
+        return totals[0] / totals[1]
 
     def losses(self) -> tuple[float, dict[str, float]]:
         """(weighted total, loss of each named set)."""

@@ -17,12 +17,15 @@ from marjara.data import TrainStream, open_data, validation_batches
 from marjara.distributed import ensure_process_group, rank, world_size
 from marjara.model.pretrained import read_folder
 from marjara.train import init_from
+from marjara.model.expert_init import init_experts
 from marjara.train.allocator import active_allocator
+from marjara.train.batches import DeviceBatches
 from marjara.train.build import build_engine, build_model, compile_model, model_config, quiet_libraries
 from marjara.train.config import TrainConfig
 from marjara.train.ema import WeightEMA
 from marjara.train.evaluator import Evaluator
 from marjara.errors import EXIT_NON_FINITE
+from marjara.train.loss_scale import loss_for_backward
 from marjara.train.metrics import Reporter, device_peak_tflops
 from marjara.train.nonfinite import NonFiniteGuard, stop_line
 from marjara.train.replicas import verify_replicas
@@ -60,6 +63,8 @@ class Learner:
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(self.config, cfg.grad_checkpointing, ds_config)
+        if self.config.use_moe:
+            init_experts(model, cfg.seed)  # distinct per expert-parallel rank, the same per replica
         if init and not resume:  # a resumed run has trained weights of its own
             init_from.load_init_weights(model, init, ds_config)
             self.report.print(f"initialised from {init.describe()}")
@@ -72,8 +77,8 @@ class Learner:
                               f"{samples_consumed + cfg.skip_samples - 1}")
             samples_consumed += cfg.skip_samples
         self.guard = NonFiniteGuard(cfg.max_bad_steps, enabled=cfg.mixed_precision != "fp16")
-        self.stream = TrainStream(self.data.train, cfg.seed, cfg.batch_size, cfg.grad_accum, self.rank, self.world,
-                                  samples_consumed)
+        self.batches = DeviceBatches(TrainStream(self.data.train, cfg.seed, cfg.batch_size, cfg.grad_accum,
+                                                 self.rank, self.world, samples_consumed), self.engine.device)
         val_sets = ([(name, weight, validation_batches(dataset, cfg.batch_size, cfg.eval_batches, self.rank, self.world))
                      for name, weight, dataset in self.data.validation_sets()] if cfg.eval_interval > 0 else [])
         if cfg.compile:
@@ -90,10 +95,10 @@ class Learner:
     def fit(self) -> int:
         """Train to max_steps, or until SIGTERM/SIGINT (then save and stop); returns the exit code."""
         cfg = self.cfg
-        with StopRequests(self.world) as stop:
+        with StopRequests() as stop:
             self.meter = self._start()
             while self.step < cfg.max_steps:
-                skipped_before, first_sample = self.engine.skipped_steps, self.stream.samples_consumed
+                skipped_before, first_sample = self.engine.skipped_steps, self.batches.samples_consumed
                 self.train_step()
                 self.step += 1
                 last = self.step == cfg.max_steps
@@ -109,11 +114,11 @@ class Learner:
                     self.evaluator.run(self.step)
                 # Not in the middle of a non-finite streak: `latest` keeps naming the last good step.
                 if cfg.save_interval > 0 and self.step % cfg.save_interval == 0 and not self.guard.in_a_row:
-                    self.saver.save(self.step, self.stream.samples_consumed)
+                    self.saver.save(self.step, self.batches.samples_consumed)
                 signum = stop.agreed()
                 if signum:
                     return self._stop(signum)
-            self.saver.save_unless_saved(self.step, self.stream.samples_consumed)
+            self.saver.save_unless_saved(self.step, self.batches.samples_consumed)
             verify_replicas(self.model, self.world, cfg.zero_stage, self.report)
             print_sample(self.model, self.data.tokenizer, self.config.max_seq_len, cfg.sample_tokens, cfg.seed,
                          self.report)
@@ -121,13 +126,16 @@ class Learner:
             return 0
 
     def train_step(self) -> None:
-        """One optimizer step: grad_accum micro-batches; the engine steps the optimizer at the boundary."""
+        """One optimizer step: grad_accum micro-batches; the engine steps the optimizer at the boundary.
+        Nothing here waits for the device: the next micro-batch is cut and copied while this one
+        computes, and the loss is summed on the device."""
         engine = self.engine
         for _ in range(self.cfg.grad_accum):
-            x, y = self.stream.next_micro_batch()
-            _, loss = engine(x.to(engine.device), y.to(engine.device))
+            x, y = self.batches.next()
+            _, loss = engine(x, y)
             self.guard.observe_loss(loss)  # on the device: no synchronisation per micro-batch
-            engine.backward(loss)
+            engine.backward(loss_for_backward(engine, loss))
+            self.batches.prefetch()
             if engine.is_gradient_accumulation_boundary():
                 self.meter.before_optimizer_step()
             engine.step()
@@ -137,7 +145,8 @@ class Learner:
         """Print the run's start line; returns the meter of its steps."""
         cfg = self.cfg
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.world * cfg.seq_len
-        peak, peak_source = device_peak_tflops(cfg.peak_tflops)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+        peak, peak_source = device_peak_tflops(cfg.peak_tflops, dtype)
         self.report.print(
             f"world_size={self.world} zero_stage={cfg.zero_stage} precision={cfg.mixed_precision} "
             f"model={self.config.preset} ({self.model.num_parameters() / 1e6:.2f}M params, "
@@ -159,13 +168,13 @@ class Learner:
 
     def _stop_non_finite(self) -> int:
         if self.rank == 0:
-            line = stop_line(self.guard, self.step, self.stream.samples_consumed, self.cfg.out_dir, self.resumed_from)
+            line = stop_line(self.guard, self.step, self.batches.samples_consumed, self.cfg.out_dir, self.resumed_from)
             print(f"error: {line}", file=sys.stderr, flush=True)
         self.report.close()
         return EXIT_NON_FINITE
 
     def _stop(self, signum: int) -> int:
-        self.saver.save_unless_saved(self.step, self.stream.samples_consumed)
+        self.saver.save_unless_saved(self.step, self.batches.samples_consumed)
         self.report.print(f"{signal.Signals(signum).name}: saved checkpoint at step {self.step} in {self.cfg.out_dir}; "
                           f"continue with --resume {self.cfg.out_dir}")
         self.report.close()

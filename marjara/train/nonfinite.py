@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
+
+from marjara import distributed
 
 DEFAULT_MAX_BAD_STEPS = 5
 
@@ -34,11 +35,9 @@ class GuardedAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
-        finite = finite.to(torch.int32)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            # Expert gradients differ between ranks: every rank must take the same decision.
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        self.overflow = not bool(finite)  # the one read per optimizer step
+        # Expert gradients differ between ranks: every rank must take the same decision.
+        finite = distributed.all_reduce(finite.to(torch.int32), op="min")
+        self.overflow = not bool(finite.item())  # the one read per optimizer step
         if self.overflow:
             return None
         return super().step(closure)
@@ -70,9 +69,8 @@ class NonFiniteGuard:
             return False
         loss_bad = self._loss_flag.to(torch.int32) if self._loss_flag is not None else torch.tensor(0, dtype=torch.int32)
         self._loss_flag = None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(loss_bad, op=dist.ReduceOp.MAX)  # every rank takes the same decision
-        loss_bad = bool(loss_bad)  # the one read per optimizer step
+        loss_bad = distributed.all_reduce(loss_bad, op="max")  # every rank takes the same decision
+        loss_bad = bool(loss_bad.item())  # the one read per optimizer step
         bad = loss_bad or skipped_by_optimizer
         if not bad:
             self.in_a_row = 0
@@ -94,9 +92,7 @@ def weights_finite(tensors) -> bool:
     all ranks: checked before every save so that non-finite weights are never written."""
     flags = [torch.isfinite(t.detach()).all() for t in tensors if t is not None and t.numel()]
     ok = torch.stack(flags).all().to(torch.int32) if flags else torch.tensor(1, dtype=torch.int32)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok)
+    return bool(distributed.all_reduce(ok, op="min").item())
 
 
 def stop_line(guard: NonFiniteGuard, step: int, samples_now: int, out_dir: str, resumed_from=None) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import signal
 
 import torch
-import torch.distributed as dist
+
+from marjara import distributed
 
 
 class StopRequests:
@@ -14,8 +15,7 @@ class StopRequests:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, world: int) -> None:
-        self.world = world
+    def __init__(self) -> None:
         self._signum = 0
         self._previous: dict = {}
 
@@ -33,8 +33,6 @@ class StopRequests:
 
     def agreed(self) -> int:
         """The signal any rank received (0: none). Every rank calls this at the same step, so that
-        all of them save and stop together."""
-        flag = torch.tensor([self._signum], dtype=torch.int64)
-        if self.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag)
+        all of them save and stop together. This is the loop's one host sync per optimizer step:
+        a one-element all-reduce on the accelerator's device, at every world size."""
+        return int(distributed.all_reduce(torch.tensor([self._signum], dtype=torch.int64), op="max").item())

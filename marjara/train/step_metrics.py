@@ -1,12 +1,16 @@
 """What each log line and tensorboard say about training: loss, lr, throughput, MFU, gradient norm,
-fp16 loss scale and MoE load, averaged over the steps since the last line and over the ranks."""
+fp16 loss scale and skipped steps, MoE load, averaged over the steps since the last line and over
+the ranks. Nothing here reads the device between log lines: the sums stay where the loss is."""
 
 from __future__ import annotations
 
 import time
 
 import torch
-import torch.distributed as dist
+
+from marjara import distributed
+from marjara.train.loss_scale import current_loss_scale
+from marjara.train.metrics import mfu_report
 
 
 class StepMeter:
@@ -20,9 +24,9 @@ class StepMeter:
         # data parallelism; there every rank holds the whole averaged gradient, so measure it here.
         self.measure_grad_norm = (zero_stage == 0 and precision == "fp32"
                                   and not (config.use_moe and config.ep_size > 1))
-        self.grad_norm: float | None = None
+        self.grad_norm: torch.Tensor | None = None  # on the device until a log line reads it
         self.lr: float | None = None
-        self.sums = torch.zeros(2)  # loss, aux loss over the log interval
+        self.sums: torch.Tensor | None = None  # loss, aux loss over the log interval, on the device
         self.window_steps, self.window_start = 0, time.perf_counter()
 
     def before_optimizer_step(self) -> None:
@@ -30,46 +34,41 @@ class StepMeter:
         self.lr = self.engine.get_lr()[0]
         if self.measure_grad_norm:
             norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
-            self.grad_norm = float(torch.stack(norms).norm()) if norms else 0.0
+            self.grad_norm = torch.stack(norms).norm() if norms else None
 
     def add_micro_batch(self, loss: torch.Tensor, grad_accum: int) -> None:
         aux = self.model.last_aux_loss
-        self.sums += torch.stack([loss.detach().float().cpu(),
-                                  aux.detach().float().cpu() if aux is not None else torch.zeros(())]) / grad_accum
+        values = torch.stack([loss.detach().float(), aux.detach().float() if aux is not None
+                              else torch.zeros((), device=loss.device)]) / grad_accum
+        self.sums = values if self.sums is None else self.sums + values
 
     def end_step(self, step: int, log: bool) -> None:
         self.window_steps += 1
         if log:
             elapsed = time.perf_counter() - self.window_start
             self._log(step, self.sums / self.window_steps, self.tokens_per_step * self.window_steps / elapsed)
-            self.sums.zero_()
+            self.sums = None
             self.window_steps, self.window_start = 0, time.perf_counter()
 
-    def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
-        values = values.detach().float().cpu()
-        if self.world > 1:
-            dist.all_reduce(values)
-            values /= self.world
-        return values
-
     def _log(self, step: int, means: torch.Tensor, tokens_per_sec: float) -> None:
-        loss, aux = self._mean_over_ranks(means).tolist()
+        loss, aux = (distributed.all_reduce(means) / self.world).tolist()
         values = {"train/loss": loss, "train/lr": self.lr, "train/tokens_per_sec": tokens_per_sec}
-        if self.peak > 0:
-            values["train/mfu"] = self.flops_per_token * tokens_per_sec / (self.peak * 1e12 * self.world)
+        mfu_values, mfu_line = mfu_report(self.flops_per_token, tokens_per_sec, self.peak, self.world)
+        values.update(mfu_values)
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = self.grad_norm
         if grad_norm is not None:
             values["train/grad_norm"] = float(grad_norm)
         if self.precision == "fp16":
-            values["train/loss_scale"] = float(self.engine.optimizer.cur_scale)
+            scale = current_loss_scale(self.engine.optimizer)
+            if scale is not None:
+                values["train/loss_scale"] = scale
+            values["train/skipped_steps"] = float(self.engine.skipped_steps)
         if self.model.config.use_moe:
             values["moe/aux_loss"] = aux
             for layer, counts in self.model.last_expert_counts.items():
                 counts = counts.float()
                 values[f"moe/expert_load_max_over_mean/layer{layer}"] = float(counts.max() / counts.mean().clamp(min=1))
-        line = f"loss {loss:.4f} | lr {self.lr:.2e} | {tokens_per_sec:,.0f} tok/s"
-        if "train/mfu" in values:
-            line += f" | mfu {values['train/mfu']:.1%}"
+        line = f"loss {loss:.4f} | lr {self.lr:.2e} | {tokens_per_sec:,.0f} tok/s" + mfu_line
         self.report.log(step, values, line)
