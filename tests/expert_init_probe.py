@@ -1,6 +1,7 @@
 """Rank probe for expert initialisation: builds a tiny MoE model with ep_size 2 and one with
-ep_size 1 the way the trainer does (same seed on every rank, then init_experts), and saves each
-rank's weights under their global names to OUT/rank<R>_ep<E>.pt.
+ep_size 1 the way the trainer does (same seed on every rank, then init_experts), and the
+trainer's own (a Learner with ep_size 2, before its first step); saves each rank's weights under
+their global names to OUT/rank<R>_ep<E>.pt and OUT/rank<R>_learner.pt.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/expert_init_probe.py OUT
 """
@@ -30,5 +31,18 @@ for ep_size in (2, 1):
     weights = {global_param_name(name, ep_rank, local): p.detach().clone() for name, p in model.named_parameters()}
     torch.save(weights, out / f"rank{rank()}_ep{ep_size}.pt")
     del model
+# The trainer's own model, before its first step: the Learner must have called init_experts.
+from marjara.train.args import parse_config  # noqa: E402
+from marjara.train.learner import Learner  # noqa: E402
+
+learner = Learner(parse_config(["--model_size", "tiny", "--seq_len", "32", "--batch_size", "2", "--use_moe",
+                                "--num_experts", "4", "--ep_size", "2", "--max_steps", "1", "--out_dir",
+                                str(out / "run"), "--sample_tokens", "0"]))
+local = learner.config.num_experts // 2
+weights = {global_param_name(name, rank() % 2, local): p.detach().clone()
+           for name, p in learner.model.named_parameters()}
+torch.save(weights, out / f"rank{rank()}_learner.pt")
+learner.engine.destroy()
+del learner
 shutdown()
 exit_now(0)

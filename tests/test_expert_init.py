@@ -22,7 +22,9 @@ def weights(tmp_path_factory):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
-    return {(r, ep): torch.load(out / f"rank{r}_ep{ep}.pt", weights_only=True) for r in (0, 1) for ep in (1, 2)}
+    loaded = {(r, ep): torch.load(out / f"rank{r}_ep{ep}.pt", weights_only=True) for r in (0, 1) for ep in (1, 2)}
+    loaded.update({(r, "learner"): torch.load(out / f"rank{r}_learner.pt", weights_only=True) for r in (0, 1)})
+    return loaded
 
 
 def experts_of(state, layer=1):
@@ -56,3 +58,11 @@ def test_a_global_expert_starts_the_same_whatever_ep_size(weights):
     for name, value in weights[0, 1].items():
         if "deepspeed_experts" in name:
             assert torch.equal(ep2[name], value), name
+
+
+def test_the_trainer_starts_with_distinct_experts_and_identical_dense_weights(weights):
+    rank0, rank1 = experts_of(weights[0, "learner"]), experts_of(weights[1, "learner"])
+    assert sorted(rank0) == [0, 1] and sorted(rank1) == [2, 3]
+    assert not torch.equal(rank0[0], rank1[2]) and not torch.equal(rank0[1], rank1[3])
+    dense = [n for n in weights[0, "learner"] if "deepspeed_experts" not in n]
+    assert dense and all(torch.equal(weights[0, "learner"][n], weights[1, "learner"][n]) for n in dense)
