@@ -35,13 +35,13 @@ def test_dry_run_prints_every_check_and_its_commands(tmp_path):
 
 def test_every_command_is_accepted_by_the_command_it_runs(tmp_path):
     from marjara import convert, generate
-    from marjara.train.args import parse_args
+    from marjara.train.args import parse_config
 
     for check in gpu_check.plan(tmp_path):
         for cmd in check.commands:
             if cmd[1] == "train.py":
-                args = parse_args(cmd[2:])
-                assert args.out_dir.startswith(str(tmp_path))
+                config = parse_config(cmd[2:], has_gpu=True)
+                assert str(config.out_dir).startswith(str(tmp_path))
             elif cmd[1:3] == ["-m", "marjara.convert"]:
                 convert.parse_args(cmd[3:])
             elif cmd[1:3] == ["-m", "marjara.generate"]:

@@ -11,7 +11,7 @@ from marjara.model import MarjaraModel
 from marjara.model.config import ModelConfig
 from marjara.train.engine import initialize_engine
 from marjara.train.loss_scale import current_loss_scale, engine_leaves_loss_unscaled, loss_for_backward
-from marjara.train.optim import build_adamw, parameter_groups
+from marjara.train.optim import parameter_groups
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def fp16_engine(stage: int, config: dict):
     model = MarjaraModel(ModelConfig.from_preset("tiny", vocab_size=256, n_layers=2))
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
               "fp16": {"enabled": True, **config}, "zero_optimization": {"stage": stage}}
-    return initialize_engine(model=model, optimizer=build_adamw(parameter_groups(model, 0.1), 1e-3), config=config)
+    return initialize_engine(model=model, optimizer=torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-3), config=config)
 
 
 def one_step(engine, batch):
