@@ -10,7 +10,9 @@ fp16 also logs its loss scale), MoE under ZeRO-2, --grad_checkpointing, resume o
 (the resumed losses equal the uninterrupted run's), convert + generate of its result; then a bf16
 matmul measured here, and tokens/s and MFU of `large` and `1b` in bf16 with --compile off and on
 (the better one counts; the compiled `large` run is also the --compile check), against the
-device's peak and the measured matmul. Every run is train.py as users start it.
+device's peak and the measured matmul; and the scale planner's per-GPU peak memory for the eager
+runs against torch.cuda.max_memory_allocated() (marjara.planner.measure). Every run is train.py
+as users start it.
 """
 
 from __future__ import annotations
@@ -162,6 +164,36 @@ def verify_compiled(work: Path, _outputs: list[str]) -> str:
     return "large under torch.compile: " + falling_loss(losses(work / "tput_large_compiled"), THROUGHPUT_STEPS)
 
 
+def planner_device(name: str) -> str:
+    from marjara.planner.devices import DEVICES
+
+    for key in sorted(DEVICES, key=len, reverse=True):
+        if key in name:
+            return key
+    raise CheckFailed(f"the planner knows no device like {name!r} ({', '.join(DEVICES)})")
+
+
+def verify_planned_memory(work: Path, _outputs: list[str]) -> str:
+    """The planner's per-GPU peak for the eager throughput runs against the peak they measured."""
+    import torch
+
+    from marjara.planner.measure import compare_peak, planned_peak_bytes
+
+    device = planner_device(torch.cuda.get_device_name())
+    lines = []
+    for preset in THROUGHPUT:
+        run = work / f"tput_{preset}_eager"
+        peaks = [m["train/gpu_peak_memory_gib"] for m in read_metrics(run) if "train/gpu_peak_memory_gib" in m]
+        if not peaks:
+            raise CheckFailed(f"{run.name} logged no train/gpu_peak_memory_gib")
+        planned = planned_peak_bytes(throughput_flags(preset, run), gpus=1, gpu=device)
+        measured = max(peaks) * 2**30
+        if not 0.5 <= planned / measured <= 2.0:
+            raise CheckFailed(f"{preset}: " + compare_peak(planned, measured))
+        lines.append(f"{preset}: " + compare_peak(planned, measured))
+    return "; ".join(lines)
+
+
 def _measured_matmul(work: Path) -> float | None:
     path = work / "matmul.txt"
     return float(path.read_text()) if path.exists() else None
@@ -194,16 +226,23 @@ def plan(work: Path) -> list[Check]:
         [sys.executable, "-m", "marjara.generate", str(work / "export"), "--prompt", "The ", "--max_new_tokens", "32",
          "--temperature", "0", "--device", "cuda"]], verify_generate, 30))
     checks.append(Check("bf16_matmul", [[sys.executable, "-c", MATMUL]], verify_matmul, 15))
-    for preset, flags in THROUGHPUT.items():
-        common = ["--model_size", preset, *flags, "--max_steps", str(THROUGHPUT_STEPS), "--log_interval",
-                  str(THROUGHPUT_LOG), "--eval_interval", "0", "--sample_tokens", "0", "--save_interval", "0",
-                  "--warmup_steps", "5", "--mixed_precision", "bf16", "--deepspeed_config", "ds_configs/zero1.json"]
-        checks.append(Check(f"throughput_{preset}", [train(work / f"tput_{preset}_eager", *common),
-                                                     train(work / f"tput_{preset}_compiled", *common, "--compile")],
-                            verify_throughput(preset), 80 if preset == "large" else 100))
+    for preset in THROUGHPUT:
+        eager, compiled = work / f"tput_{preset}_eager", work / f"tput_{preset}_compiled"
+        checks.append(Check(f"throughput_{preset}", [
+            [sys.executable, "train.py", *throughput_flags(preset, eager)],
+            [sys.executable, "train.py", *throughput_flags(preset, compiled), "--compile"]],
+            verify_throughput(preset), 80 if preset == "large" else 100))
         if preset == "large":
             checks.append(Check("compile", [], verify_compiled, 0))
+    checks.append(Check("planned_memory", [], verify_planned_memory, 0))
     return checks
+
+
+def throughput_flags(preset: str, out: Path) -> list[str]:
+    return ["--model_size", preset, *THROUGHPUT[preset], "--max_steps", str(THROUGHPUT_STEPS), "--log_interval",
+            str(THROUGHPUT_LOG), "--eval_interval", "0", "--sample_tokens", "0", "--save_interval", "0",
+            "--warmup_steps", "5", "--mixed_precision", "bf16", "--deepspeed_config", "ds_configs/zero1.json",
+            "--out_dir", str(out)]
 
 
 def run_check(check: Check, work: Path, deadline: float) -> tuple[str, str]:

@@ -19,7 +19,7 @@ spec.loader.exec_module(gpu_check)
 
 REQUIRED = {"bf16_zero0", "bf16_zero1", "bf16_zero2", "bf16_zero3", "fp16_zero0", "fp16_zero2", "moe_zero2",
             "grad_checkpointing", "compile", "resume_zero3", "convert_generate", "bf16_matmul",
-            "throughput_large", "throughput_1b"}
+            "throughput_large", "throughput_1b", "planned_memory"}
 
 
 def test_dry_run_prints_every_check_and_its_commands(tmp_path):
@@ -28,7 +28,7 @@ def test_dry_run_prints_every_check_and_its_commands(tmp_path):
     assert result.returncode == 0, result.stderr
     names = {line.split(" ")[0] for line in result.stdout.splitlines() if not line.startswith(" ") and "(about" in line}
     assert names == REQUIRED
-    assert "14 checks, about" in result.stdout and not list(tmp_path.iterdir())  # nothing ran
+    assert "15 checks, about" in result.stdout and not list(tmp_path.iterdir())  # nothing ran
     estimate = sum(c.estimate_s for c in gpu_check.plan(tmp_path))
     assert estimate < 9 * 60
 
@@ -94,3 +94,24 @@ def test_an_unknown_check_name_is_refused(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--only", "bf16_zero9"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2 and "unknown check(s) bf16_zero9; choose from bf16_zero0" in result.stderr
+
+
+def test_the_planners_peak_is_compared_with_the_measured_one(tmp_path, monkeypatch):
+    """The planner reads each throughput run's own flags; a measured peak far from the plan fails."""
+    import torch
+
+    from marjara.planner.measure import planned_peak_bytes
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    planned = {p: planned_peak_bytes(gpu_check.throughput_flags(p, tmp_path / f"tput_{p}_eager"), gpus=1, gpu="H200")
+               for p in gpu_check.THROUGHPUT}
+    assert all(bytes_ > 2**30 for bytes_ in planned.values())
+    for factor, ok in ((1.1, True), (3.0, False)):
+        for preset, bytes_ in planned.items():
+            write_metrics(tmp_path / f"tput_{preset}_eager",
+                          [{"step": 5, "train/loss": 3.0, "train/gpu_peak_memory_gib": bytes_ * factor / 2**30}])
+        if ok:
+            assert "planned / measured = 0.91" in gpu_check.verify_planned_memory(tmp_path, [])
+        else:
+            with pytest.raises(gpu_check.CheckFailed, match="planned / measured = 0.33"):
+                gpu_check.verify_planned_memory(tmp_path, [])

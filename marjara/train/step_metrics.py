@@ -65,6 +65,8 @@ class StepMeter:
             if scale is not None:
                 values["train/loss_scale"] = scale
             values["train/skipped_steps"] = float(self.engine.skipped_steps)
+        if torch.cuda.is_available():  # the allocator's own count: no device sync
+            values["train/gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if self.model.config.use_moe:
             values["moe/aux_loss"] = aux
             for layer, counts in self.model.last_expert_counts.items():
