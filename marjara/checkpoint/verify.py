@@ -16,7 +16,6 @@ error (rank 0 prints it).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -67,18 +66,12 @@ def _share(sizes: list[int], rank: int, world: int) -> list[int]:
     return mine
 
 
-def _reduce(values: torch.Tensor, op) -> torch.Tensor:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    # Collectives take device tensors: nccl serves CUDA tensors only.
-    from deepspeed.accelerator import get_accelerator
+def _reduce(values: torch.Tensor, op: str) -> torch.Tensor:
+    """The reduction over the ranks, back on the host (through marjara.distributed: on the
+    accelerator's device, at every world size)."""
+    from marjara import distributed
 
-    accelerator = get_accelerator()
-    device = "cpu" if accelerator.device_name() == "cpu" else accelerator.device_name(
-        int(os.environ.get("LOCAL_RANK", "0")))
-    on_device = values.to(device)
-    dist.all_reduce(on_device, op=op)
-    return on_device.cpu()
+    return distributed.all_reduce(values, op=op).cpu()
 
 
 def build_manifest(tag_dir: Path) -> dict:
@@ -89,7 +82,7 @@ def build_manifest(tag_dir: Path) -> dict:
     sums = torch.zeros(len(names), dtype=torch.int64)
     for index in _share(sizes, rank, world):
         sums[index] = _signed(digest_file(tag_dir / names[index]))
-    sums = _reduce(sums, dist.ReduceOp.SUM if dist.is_initialized() else None)
+    sums = _reduce(sums, "sum")
     return {"algorithm": ALGORITHM, "files": {
         name: {"bytes": size, ALGORITHM: f"{int(value) & (2**64 - 1):016x}"}
         for name, size, value in zip(names, sizes, sums.tolist())}}
@@ -119,7 +112,7 @@ def find_damage(tag_dir: Path, manifest: dict) -> str | None:
     for index in _share(expected, rank, world):
         if status[index] == 0 and f"{digest_file(tag_dir / names[index]):016x}" != manifest["files"][names[index]][ALGORITHM]:
             status[index] = _WRONG_SUM
-    status = _reduce(status, dist.ReduceOp.MAX if dist.is_initialized() else None)
+    status = _reduce(status, "max")
     for index, name in enumerate(names):
         code = int(status[index])
         if code == _MISSING:

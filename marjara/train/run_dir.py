@@ -94,8 +94,7 @@ def claim_agreed(out_dir: str, log_dir: str, resumed_from, overwrite: bool, rank
     """claim() for a multi-rank run: every rank reads the same folder and comes to the same answer
     (a refusal is raised on all of them, printed by rank 0); rank 0 alone clears the folder
     (--overwrite) or trims the metrics of the run it continues."""
-    import torch.distributed as dist
-
+    from marjara import distributed
     from marjara.errors import AgreedError
 
     same_run = resumed_from is not None and Path(out_dir).resolve() == resumed_from.ckpt_dir.resolve()
@@ -103,11 +102,9 @@ def claim_agreed(out_dir: str, log_dir: str, resumed_from, overwrite: bool, rank
     if found and not overwrite:
         raise AgreedError(str(refuse(out_dir, found)))
     if overwrite:
-        if world > 1:
-            dist.barrier()  # every rank has looked before rank 0 deletes
+        distributed.barrier()  # every rank has looked before rank 0 deletes
         if found and rank == 0:
             clear(out_dir, log_dir)
-        if world > 1:
-            dist.barrier()
+        distributed.barrier()
     if same_run and rank == 0:
         continue_metrics(out_dir, resumed_from.meta["step"])
