@@ -102,7 +102,9 @@ class Learner:
                 self.train_step()
                 self.step += 1
                 last = self.step == cfg.max_steps
-                if self.guard.end_step(self.step, first_sample, self.engine.skipped_steps > skipped_before):
+                # The one host sync of the step: the stop signal and the non-finite flag, agreed together.
+                signum, loss_bad = stop.agreed_with(self.guard.take_loss_flag())
+                if self.guard.end_step(self.step, first_sample, self.engine.skipped_steps > skipped_before, loss_bad):
                     self._report_bad_step()
                 if self.guard.must_stop:  # every rank agrees; the run ends the usual way, with exit code 3
                     return self._stop_non_finite()
@@ -115,7 +117,6 @@ class Learner:
                 # Not in the middle of a non-finite streak: `latest` keeps naming the last good step.
                 if cfg.save_interval > 0 and self.step % cfg.save_interval == 0 and not self.guard.in_a_row:
                     self.saver.save(self.step, self.batches.samples_consumed)
-                signum = stop.agreed()
                 if signum:
                     return self._stop(signum)
             self.saver.save_unless_saved(self.step, self.batches.samples_consumed)

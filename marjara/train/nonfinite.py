@@ -62,15 +62,24 @@ class NonFiniteGuard:
         bad = ~torch.isfinite(loss.detach()).all()
         self._loss_flag = bad if self._loss_flag is None else self._loss_flag | bad
 
-    def end_step(self, step: int, first_sample: int, skipped_by_optimizer: bool) -> bool:
+    def take_loss_flag(self) -> torch.Tensor:
+        """This step's flag (1: a non-finite loss on this rank), on the device, unread; resets it.
+        The trainer all-reduces it together with the stop signal: one read per optimizer step."""
+        flag = (self._loss_flag.to(torch.int64) if self._loss_flag is not None
+                else torch.zeros((), dtype=torch.int64))
+        self._loss_flag = None
+        return flag
+
+    def end_step(self, step: int, first_sample: int, skipped_by_optimizer: bool,
+                 loss_bad: bool | None = None) -> bool:
         """Record optimizer step `step` (1-based) whose data began at global sample `first_sample`;
-        True when it was non-finite (its update was not applied where DeepSpeed allows skipping)."""
+        True when it was non-finite (its update was not applied where DeepSpeed allows skipping).
+        `loss_bad`: the flag already agreed by every rank; without it, it is agreed here."""
         if not self.enabled:
             return False
-        loss_bad = self._loss_flag.to(torch.int32) if self._loss_flag is not None else torch.tensor(0, dtype=torch.int32)
-        self._loss_flag = None
-        loss_bad = distributed.all_reduce(loss_bad, op="max")  # every rank takes the same decision
-        loss_bad = bool(loss_bad.item())  # the one read per optimizer step
+        if loss_bad is None:
+            # every rank takes the same decision
+            loss_bad = bool(distributed.all_reduce(self.take_loss_flag(), op="max").item())
         bad = loss_bad or skipped_by_optimizer
         if not bad:
             self.in_a_row = 0

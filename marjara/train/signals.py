@@ -31,8 +31,9 @@ class StopRequests:
     def _request(self, signum, _frame) -> None:
         self._signum = signum
 
-    def agreed(self) -> int:
-        """The signal any rank received (0: none). Every rank calls this at the same step, so that
-        all of them save and stop together. This is the loop's one host sync per optimizer step:
-        a one-element all-reduce on the accelerator's device, at every world size."""
-        return int(distributed.all_reduce(torch.tensor([self._signum], dtype=torch.int64), op="max").item())
+    def agreed_with(self, flag: torch.Tensor) -> tuple[int, bool]:
+        """(the signal any rank received, whether any rank's `flag` is set), in one all-reduce: the
+        loop's one host sync per optimizer step."""
+        both = torch.stack([torch.tensor(self._signum, dtype=torch.int64, device=flag.device), flag.to(torch.int64)])
+        signum, any_flag = distributed.all_reduce(both, op="max").tolist()
+        return int(signum), bool(any_flag)
