@@ -26,8 +26,8 @@ from marjara.errors import MarjaraError
 TESTED = {"deepspeed": ("0.19.8", "0.20"), "lm-eval": ("0.4.13", "0.4.14")}
 PATCHES = {
     "deepspeed": "ZeRO-3 fp32 masters shared with the partitions, the one-rank ZeRO-0 all-reduce skip, expert "
-                 "process groups for a model run without an engine, the universal-checkpoint optimizer repair, "
-                 "deterministic MoE routing in eval mode",
+                 "process groups for a model run without an engine, expert-parallel ranks before the engine, the "
+                 "ZeRO-0 fp16 loss scaling, the universal-checkpoint optimizer repair, deterministic MoE routing in eval mode",
     "lm-eval": "skipping the built-in task index when every task is local",
 }
 _warned: set[str] = set()
@@ -125,6 +125,47 @@ def expert_groups(group_name: str):
     from deepspeed.utils import groups
 
     return groups._get_expert_data_parallel_group(group_name), groups._get_expert_parallel_rank(group_name)
+
+
+def expert_parallel_rank(moe_layer, use_data_before_expert_parallelism: bool = False) -> int:
+    """This rank's expert-parallel rank for `moe_layer` (a deepspeed.moe.layer.MoE), creating
+    DeepSpeed's expert groups first where they do not exist yet, the way
+    MoE.set_deepspeed_parallelism would (the engine then finds them made). The layer's own group
+    handle is left for the engine to set, which DeepSpeed allows once only. Weight loading and
+    expert initialisation need the rank before the engine exists; DeepSpeed keeps group creation
+    and the rank behind private functions of deepspeed.utils.groups.
+    Test: tests/test_expert_init.py, tests/test_init_from_distributed.py (2 ranks, ep 2)."""
+    version_guard("deepspeed")
+    from deepspeed.utils import groups
+
+    name = moe_layer.expert_group_name
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(
+            moe_layer.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallelism)
+    return groups._get_expert_parallel_rank(name)
+
+
+def engine_leaves_loss_unscaled(optimizer) -> bool:
+    """DeepSpeed's engine.backward scales the loss only for ZeRO optimizers (`isinstance(optimizer,
+    ZeROOptimizer)`, deepspeed/runtime/engine.py), yet ZeRO-0's fp16 optimizers (FP16_Optimizer,
+    FP16_UnfusedOptimizer) still divide the gradients by their scale in step() and look for
+    overflow there: under ZeRO-0 fp16 the gradients come out 1/scale too small, underflow, and
+    overflow is never detected. True for exactly those optimizers. No upstream issue known.
+    Test: tests/test_loss_scale.py (fails if DeepSpeed starts scaling them itself)."""
+    version_guard("deepspeed")
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    config = getattr(optimizer, "loss_scale_config", None)
+    return (not isinstance(optimizer, ZeROOptimizer) and config is not None
+            and getattr(config, "use_grad_scaling", False) and not getattr(optimizer, "custom_loss_scaler", False))
+
+
+def loss_for_backward(engine, loss: torch.Tensor) -> torch.Tensor:
+    """What to pass to engine.backward: the loss, times the loss scale where the engine would not
+    apply it (see engine_leaves_loss_unscaled)."""
+    if engine_leaves_loss_unscaled(engine.optimizer):
+        return loss.float() * engine.optimizer.loss_scale
+    return loss
 
 
 def repair_universal_optimizer(engine, group_hparams: list[dict]) -> None:

@@ -121,3 +121,41 @@ def test_the_import_checks_see_lazy_and_relative_imports():
     tree = ast.parse("def f():\n    from marjara.train import ema\n    from .config import ModelConfig\n")
     known = {"marjara.train", "marjara.train.ema", "marjara.model.config", "marjara.model.x"}
     assert imported_modules("marjara.model.x", tree, known) == {"marjara.train.ema", "marjara.model.config"}
+
+
+def library_aliases(tree: ast.Module) -> set[str]:
+    """Local names bound to DeepSpeed or lm-eval modules and objects (import x, from x import y)."""
+    aliases = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases |= {(a.asname or a.name).split(".")[0] for a in node.names
+                        if a.name.split(".")[0] in ("deepspeed", "lm_eval")}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("deepspeed", "lm_eval"):
+            aliases |= {a.asname or a.name for a in node.names}
+    return aliases
+
+
+def private_library_uses(tree: ast.Module) -> list[str]:
+    """`alias._name` attribute uses (dunders aside) where alias, or the head of a dotted chain,
+    is a DeepSpeed or lm-eval import."""
+    aliases, found = library_aliases(tree), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            head = node.value
+            while isinstance(head, ast.Attribute):
+                head = head.value
+            if isinstance(head, ast.Name) and head.id in aliases:
+                found.append(f"{head.id}...{node.attr}")
+    return found
+
+
+def test_only_the_compat_module_reaches_into_deepspeed_or_lm_eval_internals():
+    offenders = {name: uses for name, tree in modules().items()
+                 if name != "marjara.compat" and (uses := private_library_uses(tree))}
+    assert offenders == {}, "move these into marjara/compat.py, with a reason, link, guard and test"
+
+
+def test_the_internals_check_sees_a_private_use():
+    tree = ast.parse("from deepspeed.utils import groups\ndef f():\n    return groups._get_expert_parallel_rank('x')\n")
+    assert private_library_uses(tree) == ["groups..._get_expert_parallel_rank"]
+    assert private_library_uses(ast.parse("import os\nos._exit(0)\n")) == []

@@ -10,7 +10,8 @@ from marjara.distributed import ensure_process_group
 from marjara.model import MarjaraModel
 from marjara.model.config import ModelConfig
 from marjara.train.engine import initialize_engine
-from marjara.train.loss_scale import current_loss_scale, engine_leaves_loss_unscaled, loss_for_backward
+from marjara.compat import engine_leaves_loss_unscaled, loss_for_backward
+from marjara.train.loss_scale import current_loss_scale
 from marjara.train.optim import parameter_groups
 
 

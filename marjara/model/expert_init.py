@@ -23,20 +23,17 @@ def _generator(seed: int, layer: int, expert: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def init_experts(model: nn.Module, seed: int) -> None:
-    """Re-draw every expert matrix of `model` (a MarjaraModel) from its global expert's generator.
-    Creates DeepSpeed's expert-parallel groups when they do not exist yet, as the MoE layer would
-    (the engine then finds them); the layer's own group handle is left for the engine to set, which
-    DeepSpeed allows once only."""
-    from deepspeed.utils import groups
+def init_experts(model: nn.Module, seed: int, use_data_before_expert_parallelism: bool = False) -> None:
+    """Re-draw every expert matrix of `model` (a MarjaraModel) from its global expert's generator
+    (the expert-parallel rank comes from DeepSpeed's groups, made here if need be: see
+    marjara.compat.expert_parallel_rank; pass the run's use_data_before_expert_parallelism)."""
+    from marjara.compat import expert_parallel_rank
 
     for block in model.blocks:
         if not block.is_moe:
             continue
         moe = block.ffn.moe
-        if moe.expert_group_name not in groups._get_expert_parallel_group_dict():
-            groups._create_expert_and_data_parallel(moe.ep_size)
-        ep_rank = groups._get_expert_parallel_rank(moe.expert_group_name)
+        ep_rank = expert_parallel_rank(moe, use_data_before_expert_parallelism)
         local = moe.num_local_experts
         for index, expert in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
             generator = _generator(seed, block.layer, ep_rank * local + index)

@@ -69,18 +69,14 @@ def check_data_tokenizer(folder: ExportedFolder, data_tokenizer_name: str, descr
 
 
 def expert_parallel_rank(model: nn.Module, use_data_before_expert_parallelism: bool) -> int:
-    """This rank's expert-parallel rank, read from the expert groups DeepSpeed's MoE layers use:
-    made here as MoE.set_deepspeed_parallelism makes them (the engine then finds them made)."""
+    """This rank's expert-parallel rank (all MoE layers of a MarjaraModel share one ep_size)."""
     from deepspeed.moe.layer import MoE
-    from deepspeed.utils import groups
+
+    from marjara.compat import expert_parallel_rank as layer_rank
 
     for module in model.modules():
         if isinstance(module, MoE):
-            name = module.expert_group_name
-            if name not in groups._get_expert_parallel_group_dict():
-                groups._create_expert_and_data_parallel(
-                    module.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallelism)
-            return groups._get_expert_parallel_rank(name)
+            return layer_rank(module, use_data_before_expert_parallelism)
     return 0
 
 

@@ -20,12 +20,12 @@ from marjara.train import init_from
 from marjara.model.expert_init import init_experts
 from marjara.train.allocator import active_allocator
 from marjara.train.batches import DeviceBatches
+from marjara.compat import loss_for_backward
 from marjara.train.build import build_engine, build_model, compile_model, model_config, quiet_libraries
 from marjara.train.config import TrainConfig
 from marjara.train.ema import WeightEMA
 from marjara.train.evaluator import Evaluator
 from marjara.errors import EXIT_NON_FINITE
-from marjara.train.loss_scale import loss_for_backward
 from marjara.train.metrics import Reporter, device_peak_tflops
 from marjara.train.nonfinite import NonFiniteGuard, stop_line
 from marjara.train.replicas import verify_replicas
@@ -64,7 +64,8 @@ class Learner:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(self.config, cfg.grad_checkpointing, ds_config)
         if self.config.use_moe:
-            init_experts(model, cfg.seed)  # distinct per expert-parallel rank, the same per replica
+            # Distinct per expert-parallel rank, the same per replica.
+            init_experts(model, cfg.seed, bool(ds_config.get("use_data_before_expert_parallelism", False)))
         if init and not resume:  # a resumed run has trained weights of its own
             init_from.load_init_weights(model, init, ds_config)
             self.report.print(f"initialised from {init.describe()}")
