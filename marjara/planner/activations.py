@@ -12,8 +12,11 @@ with s the bytes of the working precision (4 fp32, 2 bf16/fp16):
 - SwiGLU keeps the gate/up projection (2F), silu(gate) (F) and the product (F), all in s;
 - an MoE layer's experts keep the same per dispatched slot (num_experts x capacity slots, about
   top_k x capacity_factor per token), plus the gate's per-token state;
-- the loss keeps the logits (s, held by the caller through backward) and at its peak, in the
-  backward of log-softmax, three fp32 tensors of the logits' size.
+- the loss (marjara/model/head.py) runs the output head over slices of at most
+  tokens_per_chunk(vocab) tokens and recomputes each slice in backward: at its peak it holds one
+  slice's logits as three fp32 tensors (the logits, log-softmax's output, their gradient), plus
+  the 16-bit logits beside their fp32 copy in 16-bit runs; the final norm keeps its tensors for
+  every token.
 
 While a block's backward runs, the gradients of its FFN's activations exist beside what it kept
 (about d + 2F per token, or per expert slot). With activation checkpointing (DeepSpeed's
@@ -26,6 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from marjara.model.head import tokens_per_chunk
 from marjara.planner.setup import Setup
 
 
@@ -34,7 +38,7 @@ class Activations:
     layers: float        # what the transformer blocks keep for backward
     recompute: float     # under checkpointing: one block recomputed in backward, at a time
     backward: float      # gradients of one block's activations while its backward runs
-    loss: float          # final norm, logits and the loss's peak in backward
+    loss: float          # final norm, and one slice's logits at the loss's peak in backward
 
     @property
     def peak(self) -> float:
@@ -70,7 +74,8 @@ def activations(setup: Setup, micro_batch: int) -> Activations:
     tokens = micro_batch * setup.seq_len
     per_layer = [layer_bytes_per_token(setup, c.is_moe_layer(i), tokens) * tokens for i in range(c.n_layers)]
     rotary = tokens * c.head_dim / 2 * 8  # complex64 rotations, shared by every layer
-    loss = tokens * ((8 + s) * c.d_model + (s + 12) * c.vocab_size)
+    chunk = min(tokens, tokens_per_chunk(c.vocab_size))
+    loss = tokens * (8 + s) * c.d_model + chunk * (12 + (s if s < 4 else 0)) * c.vocab_size
     slots = expert_slots_per_token(setup, tokens) if c.use_moe else 1.0
     backward = tokens * s * (c.d_model + 2 * c.ffn_hidden_size) * slots
     if setup.grad_checkpointing:
