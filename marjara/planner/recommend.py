@@ -85,15 +85,14 @@ def evaluate(setup: Setup, target: Target) -> Candidate:
         refused = "DeepSpeed's MoE layers do not run under ZeRO-3"
     limit = target.micro_batch or per_gpu or None
     max_micro = largest_micro_batch(setup, **({"limit": limit} if limit else {}))
-    if target.micro_batch:
-        micro = target.micro_batch
-        accum = target.grad_accum or (max(1, round(per_gpu / micro)) if per_gpu else 1)
-    elif per_gpu and max_micro:
+    if per_gpu and max_micro and not target.micro_batch:
         micro, accum = split(per_gpu, max_micro)
         if target.grad_accum:
             micro, accum = max(1, per_gpu // target.grad_accum), target.grad_accum
     else:
-        micro, accum = max(max_micro, 1), target.grad_accum or 1
+        # A fixed micro-batch, or none that fits (then 1, so that the time still covers the target).
+        micro = target.micro_batch or max(max_micro, 1)
+        accum = target.grad_accum or (max(1, round(per_gpu / micro)) if per_gpu else 1)
     memory = plan_memory(setup, micro)
     traffic = step_traffic(setup, micro, accum)
     recompute = 4 / 3 if setup.grad_checkpointing else 1.0  # one more forward per step
