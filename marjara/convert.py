@@ -28,8 +28,8 @@ from marjara.checkpoint.verify import check_checkpoint
 from marjara.checkpoint.zero_reader import ZeroCheckpointReader
 from marjara.errors import MarjaraError, cli_entry
 from marjara.model.config import ModelConfig
-from marjara.model.param_names import TIED_HEAD
-from marjara.model.pretrained import (CONFIG_FILE, check_matches, export_config, folder_pieces, is_pretrained_dir,
+from marjara.model.param_names import TIED_HEAD, check_matches
+from marjara.model.pretrained import (CONFIG_FILE, export_config, folder_pieces, is_pretrained_dir,
                                       read_folder, set_dtype, weight_targets)
 
 DTYPE_FLAGS = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -90,6 +90,21 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+@contextlib.contextmanager
+def filling_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Make `path` (if need be) for files written into it; if the writing fails and the folder was
+    made here, remove it, so a failed export leaves no folder behind."""
+    path = Path(path)
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -13,7 +12,7 @@ import torch
 from marjara.checkpoint.pieces import Piece, whole
 from marjara.checkpoint.safetensors_writer import write_pieces
 from marjara.errors import MarjaraError
-from marjara.fileio import atomic_path, write_json_atomic
+from marjara.fileio import atomic_path, filling_dir, write_json_atomic
 from marjara.model.config import ModelConfig
 from marjara.model.param_names import TIED_HEAD
 from marjara.model.pretrained import CONFIG_FILE, DTYPES, FORMAT, WEIGHTS_FILE, export_config
@@ -50,17 +49,11 @@ def write_export(out_dir: str | os.PathLike, shapes: dict[str, torch.Size], piec
     out_dir = Path(out_dir)
     check_out_dir(out_dir, config_json, overwrite)
     dtype = DTYPES[config_json["dtype"]]
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
+    with filling_dir(out_dir):
         with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
             write_pieces(tmp, shapes, pieces, dtype, source_description, metadata={"format": "pt"})
             (out_dir / CONFIG_FILE).unlink(missing_ok=True)
         write_json_atomic(out_dir / CONFIG_FILE, config_json)
-    except BaseException:
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -30,7 +29,7 @@ from marjara.checkpoint.safetensors_writer import write_files
 from marjara.data.hf_tokenizer import tokenizer_config, write_tokenizer_json
 from marjara.data.tokenizer import get_tokenizer
 from marjara.errors import MarjaraError
-from marjara.fileio import atomic_path, write_json_atomic
+from marjara.fileio import atomic_path, filling_dir, write_json_atomic
 from marjara.model.config import ModelConfig
 from marjara.model.hf_config import to_hf_config
 from marjara.model.hf_layout import HfLayout, hf_shapes
@@ -99,9 +98,7 @@ def write_hf_export(out_dir: str | os.PathLike, config: ModelConfig, tokenizer_n
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards = plan_shards(hf_shapes(config), itemsize, max_shard_size)
     names = shard_names(len(shards))
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
+    with filling_dir(out_dir):
         (out_dir / CONFIG_FILE).unlink(missing_ok=True)
         for stale in out_dir.iterdir():  # shards of an earlier export that this one does not replace
             if (_SHARD_NAME.match(stale.name) or stale.name in (SINGLE_FILE, INDEX_FILE)) and stale.name not in names:
@@ -119,10 +116,6 @@ def write_hf_export(out_dir: str | os.PathLike, config: ModelConfig, tokenizer_n
         eot = tokenizer.eot_id
         write_json_atomic(out_dir / HF_GENERATION_CONFIG_FILE, {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
         write_json_atomic(out_dir / CONFIG_FILE, config_json)
-    except BaseException:
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
     return out_dir
 
 

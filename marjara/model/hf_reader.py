@@ -13,7 +13,7 @@ from marjara.errors import MarjaraError
 from marjara.model.config import ModelConfig
 from marjara.model.hf_config import MARJARA_KEY, from_hf_config
 from marjara.model.hf_layout import HfLayout, Triple, hf_shapes
-from marjara.model.param_names import TIED_HEAD
+from marjara.model.param_names import TIED_HEAD, check_matches
 
 
 def is_hf_config(info: dict) -> bool:
@@ -90,15 +90,7 @@ def hf_pieces(files: dict[str, Path], config: ModelConfig, path: Path) -> tuple[
     if config.tie_embeddings:
         shapes.pop(TIED_HEAD, None)
         files.pop(TIED_HEAD, None)
-    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
-    if missing or unexpected:
-        raise MarjaraError(
-            f"{path}'s weights do not match its config.json (missing: {', '.join(missing[:3]) or 'none'}; "
-            f"unexpected: {', '.join(unexpected[:3]) or 'none'}); save the model again"
-        )
-    for name, shape in expected.items():
-        if shapes[name] != shape:
-            raise MarjaraError(f"{path}: {name} has shape {list(shapes[name])}, its config.json needs {list(shape)}")
+    check_matches(expected, shapes, f"{path}'s weights", "save the model again")
     layout = HfLayout(config)
 
     def pieces() -> Iterator[Triple]:

@@ -24,7 +24,7 @@ import torch
 from marjara.errors import MarjaraError
 from marjara.model import hf_reader
 from marjara.model.config import ModelConfig
-from marjara.model.param_names import EXPERT_PATTERN, TIED_HEAD, global_param_name
+from marjara.model.param_names import EXPERT_PATTERN, TIED_HEAD, check_matches, global_param_name
 
 FORMAT = "marjara"
 FORMAT_VERSION = 1
@@ -162,22 +162,6 @@ def weight_targets(model) -> dict[str, torch.Tensor]:
         targets.pop(TIED_HEAD)
     return targets
 
-
-def check_matches(targets: dict, shapes: dict[str, torch.Size], where: str, fix: str) -> None:
-    """Strict loading: the same names with the same shapes (targets: tensors or shapes), or one line
-    naming the first differences."""
-    missing, unexpected = sorted(set(targets) - set(shapes)), sorted(set(shapes) - set(targets))
-    if missing or unexpected:
-        raise MarjaraError(
-            f"{where} does not match the model config (missing: {', '.join(missing[:3]) or 'none'}; "
-            f"unexpected: {', '.join(unexpected[:3]) or 'none'}); {fix}"
-        )
-    for name, target in targets.items():
-        needed = torch.Size(getattr(target, "shape", target))
-        if torch.Size(shapes[name]) != needed:
-            raise MarjaraError(
-                f"{where}: {name} has shape {list(shapes[name])}, the config needs {list(needed)}; {fix}"
-            )
 
 
 def set_dtype(model, device: str | torch.device, dtype: torch.dtype):
