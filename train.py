@@ -5,6 +5,8 @@
     torchrun --nproc_per_node 8 train.py --deepspeed_config ds_configs/zero3.json ...
 """
 
+import sys
+
 import marjara  # noqa: F401  (sets DeepSpeed's accelerator before deepspeed is imported)
 from marjara.errors import cli_entry
 from marjara.train.args import parse_config
@@ -27,4 +29,10 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     from marjara.distributed import exit_now
 
-    exit_now(main())
+    try:
+        code = main()
+    except SystemExit as stop:  # a refused input (its line is printed): leave the same way
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr, flush=True)
+    exit_now(code)
