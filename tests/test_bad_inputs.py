@@ -102,6 +102,46 @@ def _case_launch_hostfile_without_value(script):
     return lambda tmp: [str(ROOT / "launch" / script), "--hostfile", "--master_addr", "127.0.0.1"]
 
 
+def _case_mixture_of_a_mixture(tmp):
+    _prepared_folder(tmp)
+    (tmp / "inner.json").write_text(json.dumps({"sources": [{"name": "a", "weight": 1, "path": "data"}]}))
+    (tmp / "outer.json").write_text(json.dumps({"sources": [{"name": "b", "weight": 1, "path": "inner.json"}]}))
+    return _train("--data", str(tmp / "outer.json"), "--out_dir", str(tmp / "out"))
+
+
+def _case_plan_config_into_a_folder(tmp):
+    (tmp / "here").mkdir()
+    return [PYTHON, "-m", "marjara.plan", "--model_size", "tiny", "--write_config", str(tmp / "here")]
+
+
+def _case_env_file_not_utf8(tmp):
+    (tmp / "hostfile").write_text("localhost slots=1\n")
+    (tmp / "env").write_bytes(b"\xff\xfe=1\n")
+    return [PYTHON, "-m", "marjara.preflight", "--hostfile", str(tmp / "hostfile"), "--skip_ssh", "--launcher", "no_ssh",
+            "--env_file", str(tmp / "env")]
+
+
+def _case_slurm(nodelist, *args):
+    return lambda tmp: ["env", f"SLURM_JOB_NODELIST={nodelist}", "SLURM_GPUS_ON_NODE=2", PYTHON, "-m",
+                        "marjara.launch.hostfile", "--from-slurm", "--out", str(tmp / "nowhere" / "hostfile"), *args]
+
+
+def _case_hf_folder(config, index=None):
+    def make(tmp):
+        folder = tmp / "hf"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index or {"weight_map": {"w": "w.safetensors"}}))
+        (folder / "w.safetensors").write_bytes(b"")
+        return [PYTHON, "-m", "marjara.generate", str(folder), "--prompt", "hi", "--max_new_tokens", "1"]
+    return make
+
+
+_QWEN3 = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 320,
+          "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "tie_word_embeddings": True}
+
+
 CASES = {
     "ds_gradient_clipping_not_a_number": (_case_ds({"gradient_clipping": "abc"}),
                                           'ds.json: "gradient_clipping" must be a number >= 0'),
@@ -124,6 +164,20 @@ CASES = {
     "hostfile_superscript_slots": (_case_hostfile_superscript, "slots must be a positive integer, got '\u00b2'"),
     "pdsh_hostfile_without_value": (_case_launch_hostfile_without_value("pdsh.sh"), "--hostfile needs a value"),
     "mpi_hostfile_without_value": (_case_launch_hostfile_without_value("mpi.sh"), "--hostfile needs a value"),
+    "ds_optimizer_params_not_an_object": (_case_ds({"optimizer": {"type": "AdamW", "params": [1e-3]}}),
+                                          '"optimizer.params" must be a JSON object'),
+    "mixture_of_a_mixture": (_case_mixture_of_a_mixture, "inner.json is itself a mixture"),
+    "plan_write_config_into_a_folder": (_case_plan_config_into_a_folder, "is a folder; give the path of a .json file"),
+    "preflight_env_file_not_utf8": (_case_env_file_not_utf8, "cannot read env file"),
+    "slurm_descending_range": (_case_slurm("n[5-2]"), "bad range '5-2'"),
+    "slurm_out_in_a_missing_folder": (_case_slurm("n[1-2]"), "cannot write --out"),
+    "slurm_slots_below_one": (_case_slurm("n[1-2]", "--slots", "-3"), "--slots must be >= 1"),
+    "hf_config_zero_heads": (_case_hf_folder({**_QWEN3, "num_attention_heads": 0}),
+                             "num_attention_heads = 0: must be a positive integer"),
+    "hf_config_rope_not_an_object": (_case_hf_folder({**_QWEN3, "rope_parameters": [1]}),
+                                     "rope_parameters = [1]: must be an object"),
+    "hf_index_weight_map_not_an_object": (_case_hf_folder(_QWEN3, {"weight_map": ["a"]}),
+                                          "is not a safetensors index (its weight_map is not an object"),
 }
 
 

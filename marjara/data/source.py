@@ -192,7 +192,11 @@ def open_mixture(specs: list[SourceSpec], seq_len: int, tokenizer: str | None = 
         if not Path(spec.path).exists():
             raise MarjaraError(f"data source {spec.name}: path {spec.path} does not exist; give a folder made by "
                                "python -m marjara.prepare or a .bin")
-        opened.append(open_data(spec.path, seq_len, tokenizer))
+        src = open_data(spec.path, seq_len, tokenizer)
+        if src.is_mixture:
+            raise MarjaraError(f"data source {spec.name}: {spec.path} is itself a mixture; list its sources in this "
+                               "mixture instead")
+        opened.append(src)
     first = opened[0]
     for spec, src in zip(specs[1:], opened[1:]):
         if (src.tokenizer_name, src.vocab_size) != (first.tokenizer_name, first.vocab_size):

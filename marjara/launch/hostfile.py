@@ -128,7 +128,7 @@ def _expand_range_list(body: str, nodelist: str) -> list[str]:
     values = []
     for item in body.split(","):
         low, sep, high = item.partition("-")
-        if not low.isdigit() or (sep and not high.isdigit()):
+        if not low.isdigit() or (sep and (not high.isdigit() or int(high) < int(low))):
             raise MarjaraError(f"bad SLURM node list {nodelist!r}: bad range {item!r}")
         if not sep:
             values.append(low)
@@ -183,8 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, default=None,
                         help="slots per node (default: SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE)")
     args = parser.parse_args(argv)
+    if args.slots is not None and args.slots < 1:
+        raise MarjaraError(f"--slots must be >= 1 (got {args.slots}); or leave it out to take SLURM's GPUs per node")
     hosts = hostfile_from_slurm(dict(os.environ), args.slots)
-    Path(args.out).write_text(format_hostfile(hosts))
+    try:
+        Path(args.out).write_text(format_hostfile(hosts))
+    except OSError as exc:
+        raise MarjaraError(f"cannot write --out {args.out}: {exc.strerror}") from None
     print(hosts[0][0])
     return 0
 

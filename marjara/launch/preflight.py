@@ -34,8 +34,8 @@ _SHELL_ACTIVE = set('"`$\\')
 def check_env_file(path: str) -> None:
     try:
         lines = open(path).read().splitlines()
-    except OSError as exc:
-        raise MarjaraError(f"cannot read env file {path}: {exc.strerror}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MarjaraError(f"cannot read env file {path}: {getattr(exc, 'strerror', None) or exc}") from None
     for number, line in enumerate(lines, start=1):
         key, sep, value = line.partition("=")
         where = f"{path} line {number} ({line!r})"

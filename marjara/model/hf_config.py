@@ -97,6 +97,9 @@ def from_hf_config(hf: dict[str, Any], where: str) -> ModelConfig:
         return hf[field]
 
     d, heads = need("hidden_size"), need("num_attention_heads")
+    for field, value in (("hidden_size", d), ("num_attention_heads", heads)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise refuse(field, value, "must be a positive integer")
     kv_heads = hf.get("num_key_value_heads") or heads
     head_dim = hf.get("head_dim") or d // heads
     if head_dim * heads != d:
@@ -109,6 +112,8 @@ def from_hf_config(hf: dict[str, Any], where: str) -> ModelConfig:
     if hf.get("use_sliding_window") or any(t != "full_attention" for t in hf.get("layer_types") or []):
         raise refuse("use_sliding_window", True, "MARJARA's attention is always full causal attention")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise refuse("rope_parameters", rope, "must be an object")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise refuse("rope_parameters.rope_type", rope_type, "MARJARA's RoPE has no scaling")

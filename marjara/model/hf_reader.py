@@ -45,6 +45,9 @@ def weight_files(index: Path, single: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise MarjaraError(f"{index} is not a safetensors index ({exc}); save the model again") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise MarjaraError(f"{index} is not a safetensors index (its weight_map is not an object of tensor "
+                               "name -> file name); save the model again")
         files = {name: path / file for name, file in weight_map.items()}
         for file in sorted(set(files.values())):
             if not file.is_file():

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from marjara.errors import MarjaraError
+from marjara.fileio import atomic_path
 from marjara.planner.recommend import Candidate
 
 
@@ -49,11 +48,7 @@ def write_config(candidate: Candidate, path: str) -> None:
     target = Path(path)
     if not target.parent.is_dir():
         raise MarjaraError(f"--write_config {path}: folder {target.parent} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(ds_config(candidate), indent=2) + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if target.is_dir():
+        raise MarjaraError(f"--write_config {path} is a folder; give the path of a .json file")
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(ds_config(candidate), indent=2) + "\n")

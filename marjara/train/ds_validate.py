@@ -105,6 +105,10 @@ def check_top_level(config: dict, source: str) -> None:
     for key in _BLOCKS:
         if key in config and not isinstance(config[key], dict):
             raise MarjaraError(f"{source}: \"{key}\" must be a JSON object {{...}}, not {config[key]!r}")
+    for key in ("optimizer", "scheduler"):
+        params = config.get(key, {}).get("params", {})
+        if not isinstance(params, dict):
+            raise MarjaraError(f"{source}: \"{key}.params\" must be a JSON object {{...}}, not {params!r}")
     for key in ("bf16", "fp16"):
         enabled = config.get(key, {}).get("enabled", False)
         if not isinstance(enabled, bool) and enabled != AUTO:
