@@ -160,10 +160,13 @@ def engine_leaves_loss_unscaled(optimizer) -> bool:
             and getattr(config, "use_grad_scaling", False) and not getattr(optimizer, "custom_loss_scaler", False))
 
 
-def loss_for_backward(engine, loss: torch.Tensor) -> torch.Tensor:
+def loss_for_backward(engine, loss: torch.Tensor, unscaled: bool | None = None) -> torch.Tensor:
     """What to pass to engine.backward: the loss, times the loss scale where the engine would not
-    apply it (see engine_leaves_loss_unscaled)."""
-    if engine_leaves_loss_unscaled(engine.optimizer):
+    apply it. `unscaled`: engine_leaves_loss_unscaled(engine.optimizer), which a training loop
+    decides once (it is fixed for the engine's life; the scale itself is read every time)."""
+    if unscaled is None:
+        unscaled = engine_leaves_loss_unscaled(engine.optimizer)
+    if unscaled:
         return loss.float() * engine.optimizer.loss_scale
     return loss
 

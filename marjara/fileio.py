@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from marjara.errors import MarjaraError
+
 # Temporary names say which process on which host owns them, so that the next run writing the
 # same path can remove what a killed run left behind without touching a live run's files.
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
@@ -103,6 +105,20 @@ def filling_dir(path: str | os.PathLike) -> Iterator[Path]:
         if created:
             shutil.rmtree(path, ignore_errors=True)
         raise
+
+
+def read_json_object(path: Path, bad_json_fix: str, not_object_fix: str) -> dict:
+    """The JSON object in `path`; one-line errors (ending in the given fixes) for an unreadable
+    file, invalid JSON or another JSON value."""
+    try:
+        value = json.loads(path.read_text())
+    except OSError as exc:
+        raise MarjaraError(f"cannot read {path} ({exc.strerror or exc}); {bad_json_fix}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MarjaraError(f"{path} is not valid JSON ({exc}); {bad_json_fix}") from None
+    if not isinstance(value, dict):
+        raise MarjaraError(f"{path} is not a JSON object; {not_object_fix}")
+    return value
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from marjara.train.nonfinite import GuardedAdamW, NonFiniteGuard, weights_finite
+from marjara.train.nonfinite import GuardedAdamW, NonFiniteGuard, all_finite
 
 
 def test_guarded_adamw_does_not_step_on_non_finite_gradients_and_says_so():
@@ -39,7 +39,8 @@ def test_streaks_are_counted_and_reset_by_a_good_step():
                                             (math.inf, False), (math.nan, True), (math.nan, False)], start=1):
         guard.observe_loss(torch.tensor(1.0))
         guard.observe_loss(torch.tensor(loss))  # a bad micro-batch spoils its whole step
-        outcomes.append(guard.end_step(step, first_sample=step * 8, skipped_by_optimizer=skipped))
+        outcomes.append(guard.end_step(step, first_sample=step * 8, skipped_by_optimizer=skipped,
+                                       loss_bad=bool(guard.take_loss_flag())))
         if guard.must_stop:
             break
     assert outcomes == [False, True, True, False, True, True, True]
@@ -50,9 +51,9 @@ def test_streaks_are_counted_and_reset_by_a_good_step():
 def test_disabled_guard_counts_nothing():
     guard = NonFiniteGuard(max_bad_steps=1, enabled=False)
     guard.observe_loss(torch.tensor(math.nan))
-    assert not guard.end_step(1, 0, skipped_by_optimizer=True) and not guard.must_stop
+    assert not guard.end_step(1, 0, skipped_by_optimizer=True, loss_bad=True) and not guard.must_stop
 
 
 @pytest.mark.parametrize("value, expected", [(1.0, True), (math.nan, False), (-math.inf, False)])
-def test_weights_finite(value, expected):
-    assert weights_finite([torch.ones(4), torch.tensor([0.0, value])]) is expected
+def test_all_finite(value, expected):
+    assert all_finite([torch.ones(4), torch.tensor([0.0, value])]) is expected

@@ -34,7 +34,7 @@ from marjara.model.config import ModelConfig
 from marjara.model.hf_config import to_hf_config
 from marjara.model.hf_layout import HfLayout, hf_shapes
 from marjara.model.param_names import TIED_HEAD
-from marjara.model.pretrained import (CONFIG_FILE, DTYPE_NAMES, HF_GENERATION_CONFIG_FILE, HF_INDEX_FILE as INDEX_FILE,
+from marjara.model.pretrained import (CONFIG_FILE, dtype_name, HF_GENERATION_CONFIG_FILE, HF_INDEX_FILE as INDEX_FILE,
                                       HF_TOKENIZER_CONFIG_FILE, HF_TOKENIZER_FILE, WEIGHTS_FILE as SINGLE_FILE,
                                       hf_record)
 
@@ -84,14 +84,13 @@ def write_hf_export(out_dir: str | os.PathLike, config: ModelConfig, tokenizer_n
                     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write the folder; everything that can be refused (the architecture, the tokenizer, the output
     folder) is checked before the first byte is written."""
-    if dtype not in DTYPE_NAMES:
-        raise MarjaraError(f"cannot export weights as {dtype}; choose float32 or bfloat16")
+    dtype_label = dtype_name(dtype)
     config = config.replace(ep_size=1)
     tokenizer = get_tokenizer(tokenizer_name)
     if tokenizer.vocab_size > config.vocab_size:
         raise MarjaraError(f"tokenizer {tokenizer_name!r} has {tokenizer.vocab_size} ids but the model's vocab_size is "
                            f"{config.vocab_size}; export with the tokenizer the model was trained with")
-    config_json = to_hf_config(config, tokenizer.eot_id, DTYPE_NAMES[dtype], hf_record(tokenizer_name, source))
+    config_json = to_hf_config(config, tokenizer.eot_id, dtype_label, hf_record(tokenizer_name, source))
     out_dir = Path(out_dir)
     check_out_dir(out_dir, config_json, overwrite)
 

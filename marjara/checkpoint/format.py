@@ -34,12 +34,12 @@ format_version the same way.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from marjara.errors import MarjaraError
+from marjara.fileio import read_json_object
 from marjara.model.config import ModelConfig
 
 FORMAT_VERSION = 2
@@ -105,12 +105,7 @@ def read_meta(tag_dir: Path, fix: str) -> dict:
             f"checkpoint {tag_dir} is incomplete: it has no {META_FILE} (rank 0 writes it last, after every "
             f"rank finished its files), or it is not MARJARA's; {fix}"
         )
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MarjaraError(f"{path} is not valid JSON ({exc}); the save was interrupted, {fix}") from None
-    if not isinstance(meta, dict):
-        raise MarjaraError(f"{path} is not a JSON object; it was not written by MARJARA's trainer, {fix}")
+    meta = read_json_object(path, f"the save was interrupted, {fix}", f"it was not written by MARJARA's trainer, {fix}")
     version = meta.get(VERSION_KEY)
     if version not in READABLE_VERSIONS:
         raise MarjaraError(

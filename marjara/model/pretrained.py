@@ -13,7 +13,6 @@ on load.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Iterator
 import torch
 
 from marjara.errors import MarjaraError
+from marjara.fileio import read_json_object
 from marjara.model import hf_reader
 from marjara.model.config import ModelConfig
 from marjara.model.param_names import EXPERT_PATTERN, TIED_HEAD, check_matches, global_param_name
@@ -40,16 +40,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
-def export_config(config: ModelConfig, tokenizer: str, source: dict | None, dtype: torch.dtype) -> dict:
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name an export records for `dtype`; one line for a dtype no export holds."""
     if dtype not in DTYPE_NAMES:
         raise MarjaraError(f"cannot export weights as {dtype}; choose float32 or bfloat16")
+    return DTYPE_NAMES[dtype]
+
+
+def export_config(config: ModelConfig, tokenizer: str, source: dict | None, dtype: torch.dtype) -> dict:
+    name = dtype_name(dtype)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": config.replace(ep_size=1).to_dict(),
         "tokenizer": tokenizer,
         "source": source,
-        "dtype": DTYPE_NAMES[dtype],
+        "dtype": name,
     }
 
 
@@ -68,19 +74,7 @@ def _read_config_json(path: Path) -> dict:
         raise MarjaraError(f"model folder {path} does not exist; export one with python -m marjara.convert")
     if not config_path.is_file():
         raise MarjaraError(f"{path} has no {CONFIG_FILE}: not an exported model; export one with python -m marjara.convert")
-    try:
-        info = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MarjaraError(f"{config_path} is not valid JSON ({exc}); export the model again") from None
-    if not isinstance(info, dict):
-        raise MarjaraError(f"{config_path} is not a JSON object; export the model again")
-    return info
-
-
-def read_export_config(path: str | os.PathLike) -> dict:
-    """config.json of a MARJARA-format export, checked; clear errors for anything else."""
-    path = Path(path)
-    return _check_marjara_config(path, _read_config_json(path))
+    return read_json_object(config_path, "export the model again", "export the model again")
 
 
 def _check_marjara_config(path: Path, info: dict) -> dict:

@@ -85,10 +85,10 @@ def evaluate(setup: Setup, target: Target) -> Candidate:
         refused = "DeepSpeed's MoE layers do not run under ZeRO-3"
     limit = target.micro_batch or per_gpu or None
     max_micro = largest_micro_batch(setup, **({"limit": limit} if limit else {}))
-    if per_gpu and max_micro and not target.micro_batch:
+    if per_gpu and max_micro and not target.micro_batch and target.grad_accum:
+        micro, accum = max(1, per_gpu // target.grad_accum), target.grad_accum
+    elif per_gpu and max_micro and not target.micro_batch:
         micro, accum = split(per_gpu, max_micro)
-        if target.grad_accum:
-            micro, accum = max(1, per_gpu // target.grad_accum), target.grad_accum
     else:
         # A fixed micro-batch, or none that fits (then 1, so that the time still covers the target).
         micro = target.micro_batch or max(max_micro, 1)

@@ -61,10 +61,10 @@ def build_engine(model: MarjaraModel, cfg: TrainConfig, ds_config: dict):
     # gradient norm itself (see marjara/train/nonfinite.py).
     skip = cfg.zero_stage == 0 and cfg.mixed_precision == "fp32"
     optimizer = None if cfg.optimizer_in_json else build_adamw(groups, cfg, skip_non_finite=skip)
-    scheduler = None
-    if not cfg.scheduler_in_json:
-        def scheduler(opt):
-            return warmup_cosine(opt, cfg.warmup_steps, cfg.max_steps, cfg.min_lr / cfg.lr)
+    def cosine(opt):
+        return warmup_cosine(opt, cfg.warmup_steps, cfg.max_steps, cfg.min_lr / cfg.lr)
+
+    scheduler = None if cfg.scheduler_in_json else cosine
     engine = initialize_engine(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                model_parameters=groups if optimizer is None else None, config=ds_config)
     return engine, [{k: v for k, v in g.items() if k != "params"} for g in groups]

@@ -38,8 +38,7 @@ class WeightEMA:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.layout = ZERO3_SHARDS if zero_stage == 3 else REPLICATED
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size, self.rank = distributed.world_size(), distributed.rank()
         local_experts = _local_experts(module)
         # name -> (source tensor to average, group, owner's global rank)
         self._sources: dict[str, torch.Tensor] = {}

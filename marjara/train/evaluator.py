@@ -26,9 +26,9 @@ class Evaluator:
     """`sets`: (name, weight, this rank's batches) per validation set; one unnamed set of weight 1
     for single-source data."""
 
-    def __init__(self, engine, sets: list[tuple[str, float, list]], world: int, ema, report,
+    def __init__(self, engine, sets: list[tuple[str, float, list]], ema, report,
                  moe_routing: str = "deterministic") -> None:
-        self.engine, self.sets, self.world, self.ema, self.report = engine, sets, world, ema, report
+        self.engine, self.sets, self.ema, self.report = engine, sets, ema, report
         self.moe_routing = moe_routing
 
     def loss(self) -> float:

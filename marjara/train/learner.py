@@ -20,7 +20,7 @@ from marjara.train import init_from
 from marjara.model.expert_init import init_experts
 from marjara.train.allocator import active_allocator
 from marjara.train.batches import DeviceBatches
-from marjara.compat import loss_for_backward
+from marjara.compat import engine_leaves_loss_unscaled, loss_for_backward
 from marjara.train.build import build_engine, build_model, compile_model, model_config, quiet_libraries
 from marjara.train.config import TrainConfig
 from marjara.train.ema import WeightEMA
@@ -71,6 +71,7 @@ class Learner:
             self.report.print(f"initialised from {init.describe()}")
         self.engine, group_hparams = build_engine(model, cfg, resume.engine_config(ds_config) if resume else ds_config)
         self.model = self.engine.module
+        self.loss_unscaled = engine_leaves_loss_unscaled(self.engine.optimizer)  # ZeRO-0 fp16: see compat
         self.ema = WeightEMA(self.model, cfg.ema_decay, cfg.zero_stage) if cfg.ema_decay > 0 else None
         self.step, samples_consumed = resume.load(self.engine, self.ema, group_hparams, self.report) if resume else (0, 0)
         if cfg.skip_samples:
@@ -85,7 +86,7 @@ class Learner:
         if cfg.compile:
             compile_model(self.engine, self.config, self.report)
 
-        self.evaluator = Evaluator(self.engine, val_sets, self.world, self.ema, self.report, cfg.moe_eval_routing)
+        self.evaluator = Evaluator(self.engine, val_sets, self.ema, self.report, cfg.moe_eval_routing)
         run_meta = {"seq_len": cfg.seq_len, "model_config": self.config.to_dict(), "tokenizer": self.data.tokenizer_name,
                     "zero_stage": cfg.zero_stage, "world_size": self.world, "dtype": cfg.mixed_precision,
                     "train_args": cfg.plain_values()}
@@ -136,7 +137,7 @@ class Learner:
             x, y = self.batches.next()
             _, loss = engine(x, y)
             self.guard.observe_loss(loss)  # on the device: no synchronisation per micro-batch
-            engine.backward(loss_for_backward(engine, loss))
+            engine.backward(loss_for_backward(engine, loss, self.loss_unscaled))
             self.batches.prefetch()
             if engine.is_gradient_accumulation_boundary():
                 self.meter.before_optimizer_step()

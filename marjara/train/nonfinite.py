@@ -33,11 +33,8 @@ class GuardedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
         # Expert gradients differ between ranks: every rank must take the same decision.
-        finite = distributed.all_reduce(finite.to(torch.int32), op="min")
-        self.overflow = not bool(finite.item())  # the one read per optimizer step
+        self.overflow = not all_finite(p.grad for group in self.param_groups for p in group["params"])
         if self.overflow:
             return None
         return super().step(closure)
@@ -70,16 +67,12 @@ class NonFiniteGuard:
         self._loss_flag = None
         return flag
 
-    def end_step(self, step: int, first_sample: int, skipped_by_optimizer: bool,
-                 loss_bad: bool | None = None) -> bool:
+    def end_step(self, step: int, first_sample: int, skipped_by_optimizer: bool, loss_bad: bool) -> bool:
         """Record optimizer step `step` (1-based) whose data began at global sample `first_sample`;
         True when it was non-finite (its update was not applied where DeepSpeed allows skipping).
-        `loss_bad`: the flag already agreed by every rank; without it, it is agreed here."""
+        `loss_bad`: take_loss_flag() as agreed by every rank."""
         if not self.enabled:
             return False
-        if loss_bad is None:
-            # every rank takes the same decision
-            loss_bad = bool(distributed.all_reduce(self.take_loss_flag(), op="max").item())
         bad = loss_bad or skipped_by_optimizer
         if not bad:
             self.in_a_row = 0
@@ -96,9 +89,10 @@ class NonFiniteGuard:
         return self.enabled and self.in_a_row >= self.max_bad_steps
 
 
-def weights_finite(tensors) -> bool:
-    """Whether every given tensor (this rank's weights or weight partitions) is finite, agreed by
-    all ranks: checked before every save so that non-finite weights are never written."""
+def all_finite(tensors) -> bool:
+    """Whether every given tensor (this rank's weights, weight partitions or gradients) is finite,
+    agreed by all ranks (one read): checked before every save, so that non-finite weights are never
+    written, and by GuardedAdamW before it steps."""
     flags = [torch.isfinite(t.detach()).all() for t in tensors if t is not None and t.numel()]
     ok = torch.stack(flags).all().to(torch.int32) if flags else torch.tensor(1, dtype=torch.int32)
     return bool(distributed.all_reduce(ok, op="min").item())

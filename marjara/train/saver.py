@@ -6,7 +6,7 @@ from pathlib import Path
 
 from marjara.checkpoint import store as ckpt
 from marjara.errors import TrainingDiverged
-from marjara.train.nonfinite import weights_finite
+from marjara.train.nonfinite import all_finite
 
 
 class Saver:
@@ -19,7 +19,7 @@ class Saver:
     def save(self, step: int, samples_consumed: int) -> Path:
         # Non-finite weights are never written (the guard skips non-finite steps; this is the net
         # under it). Every rank checks its own weights or ZeRO-3 partitions; all agree.
-        if not weights_finite(getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()):
+        if not all_finite(getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()):
             self.report.close()
             raise TrainingDiverged(f"the weights hold NaN or inf at step {step}; nothing was saved and "
                                    f"{self.out_dir} is as it was; resume from its last checkpoint with a lower "
