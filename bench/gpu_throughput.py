@@ -180,9 +180,10 @@ def execute(run: Run, work: Path, deadline: float, gpu: str, batches: dict, resu
                                   capture_output=True, text=True, timeout=min(left, 3 * estimate_s(run, batch, gpu)))
         except subprocess.TimeoutExpired:
             raise CheckFailed(f"batch {batch}: out of the time budget while running") from None
+        finally:
+            for folder in out.glob("global_step*"):  # 1b's is 17 GB; the disk holds 64 GiB
+                shutil.rmtree(folder, ignore_errors=True)
         (work / f"{out.name}.log").write_text(done.stdout + done.stderr)
-        for folder in out.glob("global_step*"):  # 1b's is 17 GB; the disk holds 64 GiB
-            shutil.rmtree(folder, ignore_errors=True)
         if done.returncode != 0 and ran_out_of_memory(done.stdout + done.stderr):
             return False
         if done.returncode != 0:

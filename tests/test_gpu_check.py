@@ -190,3 +190,38 @@ def test_the_planners_peak_is_compared_with_the_measured_one():
     table = gpu_throughput.table([{**row, "measured_gib": 40.0, "planned_over_measured": row["planned_gib"] / 40}],
                                  matmul_tflops=790.0, peak_tflops=989.0)
     assert "| 1b | eager | 16 x 2048 | 50,000 | 40.0% | 50.1% |" in table
+
+
+def test_a_run_out_of_memory_is_repeated_at_a_smaller_micro_batch(tmp_path, monkeypatch):
+    """execute() as on the device, with train.py replaced by a fake that runs out of memory above
+    12 sequences and otherwise leaves what train.py leaves: metrics.jsonl and a checkpoint."""
+    import time
+    from types import SimpleNamespace
+
+    calls = []
+
+    def fake_train(cmd, **kwargs):
+        batch, out = int(cmd[cmd.index("--batch_size") + 1]), gpu_throughput.Path(cmd[cmd.index("--out_dir") + 1])
+        calls.append(batch)
+        (out / "global_step9").mkdir(parents=True)
+        if batch > 12:
+            return SimpleNamespace(returncode=1, stdout="", stderr="torch.OutOfMemoryError: CUDA out of memory.")
+        write_metrics(out, [{"step": s, "train/loss": 11.0 - s / 3, "train/tokens_per_sec": 2000.0 * batch,
+                             "train/mfu": 0.4, "train/gpu_peak_memory_gib": 100.0} for s in (3, 6, 9)])
+        return SimpleNamespace(returncode=0, stdout="step 9 | loss 8.0", stderr="")
+
+    monkeypatch.setattr(gpu_throughput.subprocess, "run", fake_train)
+    batches, results = {}, []
+    verdict, detail = gpu_throughput.execute(gpu_throughput.Run("1b"), tmp_path, time.monotonic() + 600, "H200",
+                                             batches, results)
+    assert calls == [18, 13, 9] and batches == {("1b", False): 9}
+    assert verdict == "PASS" and detail.startswith("micro-batch 9 x 2048: 18,000 tok/s, MFU 40.0%, peak planned")
+    assert detail.endswith("(out of memory at 18, 13)")
+    assert [r["batch"] for r in json.loads((tmp_path / gpu_throughput.RESULTS_FILE).read_text())] == [9]
+    assert not list(tmp_path.glob("*/global_step*"))  # each try's checkpoint is gone
+    assert "CUDA out of memory" in (tmp_path / "tput_1b_eager_b18.log").read_text()
+    # The compiled run starts from the micro-batch that fitted, and must say it ran compiled.
+    with pytest.raises(gpu_check.CheckFailed, match="did not report running under torch.compile"):
+        gpu_throughput.execute(gpu_throughput.Run("1b", compiled=True), tmp_path, time.monotonic() + 600, "H200",
+                               batches, results)
+    assert calls[-1] == 9
