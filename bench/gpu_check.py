@@ -177,7 +177,7 @@ def plan(work: Path, gpu: str = "H200") -> tuple[list[Check], list[dict]]:
         """The --compile throughput runs that passed: each reported torch.compile, losses finite and falling."""
         compiled = [r for r in results if r["mode"].startswith("compiled")]
         if not compiled:
-            raise CheckSkipped("no --compile throughput run ran")
+            raise CheckSkipped("no --compile throughput run passed (their own lines say why)")
         return "under torch.compile: " + ", ".join(f"{r['preset']} {r['mode']}" for r in compiled)
 
     def verify_planned_memory(_work: Path, _outputs: list[str]) -> str:

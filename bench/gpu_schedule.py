@@ -43,11 +43,12 @@ def group_estimate(group: list[Check]) -> float:
 
 
 def admit(group: list[Check], left: float) -> list[Check]:
-    """The group's checks, in order, whose expected time still fits in `left` seconds."""
+    """The group's checks, in order, whose expected time still fits in `left` seconds (a check
+    that only reads what earlier runs left, estimate 0, always does)."""
     admitted: list[Check] = []
     for check in group:
-        if group_estimate(admitted + [check]) <= left and (check.needs is None or check.needs in
-                                                           {c.name for c in admitted} or len(group) == 1):
+        needs_met = check.needs is None or check.needs in {c.name for c in admitted} or len(group) == 1
+        if needs_met and group_estimate(admitted + [check]) <= max(left, 0.0):
             admitted.append(check)
     return admitted
 

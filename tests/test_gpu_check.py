@@ -225,3 +225,9 @@ def test_a_run_out_of_memory_is_repeated_at_a_smaller_micro_batch(tmp_path, monk
         gpu_throughput.execute(gpu_throughput.Run("1b", compiled=True), tmp_path, time.monotonic() + 600, "H200",
                                batches, results)
     assert calls[-1] == 9
+
+
+def test_the_verdicts_that_only_read_results_run_even_past_the_budget():
+    reader = gpu_schedule.Check("planned_memory", [], lambda w, o: "", 0)
+    assert gpu_schedule.admit([reader], -30.0) == [reader]
+    assert gpu_schedule.admit([gpu_schedule.Check("run", [], lambda w, o: "", 10)], -30.0) == []
