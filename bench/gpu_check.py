@@ -1,24 +1,25 @@
-"""MARJARA on one GPU, checked in one short run (about 8 minutes on an H200): one line per check,
-then a summary.
+"""MARJARA on one GPU, checked in one short run: one line per check, then the throughput table
+and a summary. Sized for a lent H200's 15 minutes: the most important runs come first and
+--budget_s skips what would not fit (the estimates are leads until a device run times them).
 
-    python bench/gpu_check.py              # on a machine with one CUDA GPU
-    python bench/gpu_check.py --dry-run    # print what it would run (any machine)
-    python bench/gpu_check.py --only bf16_zero3 resume_zero3
+    python bench/gpu_check.py                       # on a machine with one CUDA GPU
+    python bench/gpu_check.py --dry-run             # the plan, its time estimates and what the budget skips
+    python bench/gpu_check.py --only bf16_zero3 resume_zero3 --budget_s 200
 
-Checks: bf16 under ZeRO 0/1/2/3 and fp16 under ZeRO 0/2 (20 steps of `small`, finite falling loss;
-fp16 also logs its loss scale), MoE under ZeRO-2, --grad_checkpointing, resume of a ZeRO-3 run
-(the resumed losses equal the uninterrupted run's), convert + generate of its result; then a bf16
-matmul measured here, and tokens/s and MFU of `large` and `1b` in bf16 with --compile off and on
-(the better one counts; the compiled `large` run is also the --compile check), against the
-device's peak and the measured matmul; and the scale planner's per-GPU peak memory for the eager
-runs against torch.cuda.max_memory_allocated() (marjara.planner.measure). Every run is train.py
-as users start it.
+Checks: a bf16 matmul measured here (the ceiling MFU is also compared with); tokens/s and MFU of
+`1b`, `large` and `small` in bf16, eager and under --compile, with and without
+--grad_checkpointing, each at the largest micro-batch that fits, and the scale planner's per-GPU
+peak memory for each run against torch.cuda.max_memory_allocated() (bench/gpu_throughput.py);
+bf16 under ZeRO 0/1/2/3 and fp16 under ZeRO 0/2 (20 steps of `small`, finite falling loss; fp16
+also logs its loss scale), MoE under ZeRO-2, --grad_checkpointing, resume of a ZeRO-3 run (the
+resumed losses equal the uninterrupted run's), convert + generate of its result. These small runs
+share the GPU, PARALLEL at a time; the timed runs have it alone. Every run is train.py (or the
+marjara command) as users start it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shlex
@@ -26,49 +27,32 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_throughput  # noqa: E402
+from gpu_schedule import PARALLEL, Check, admit, group_estimate, groups, run_group  # noqa: E402
+from gpu_throughput import CheckFailed, CheckSkipped, read_metrics  # noqa: E402
+
 STEPS = 20
 SHORT = ["--model_size", "small", "--seq_len", "256", "--batch_size", "8", "--max_steps", str(STEPS),
          "--log_interval", "1", "--eval_interval", "0", "--sample_tokens", "0", "--save_interval", "0",
          "--warmup_steps", "2", "--lr", "1e-3"]
-THROUGHPUT = {"large": ["--batch_size", "16", "--seq_len", "1024"], "1b": ["--batch_size", "8", "--seq_len", "2048"]}
-THROUGHPUT_STEPS, THROUGHPUT_LOG = 30, 5
 MATMUL = ("import torch, time\n"
           "n = 8192; a = torch.randn(n, n, device='cuda', dtype=torch.bfloat16); b = torch.randn_like(a)\n"
           "for _ in range(3): a @ b\n"
-          "best = float('inf')\n"
+          "times = []\n"
           "for _ in range(20):\n"
           "    torch.cuda.synchronize(); t = time.perf_counter(); a @ b; torch.cuda.synchronize()\n"
-          "    best = min(best, time.perf_counter() - t)\n"
-          "print(2 * n**3 / best / 1e12)\n")
-
-
-class CheckFailed(Exception):
-    pass
-
-
-@dataclass
-class Check:
-    name: str
-    commands: list[list[str]]
-    verify: Callable[[Path, list[str]], str]  # (work dir, each command's stdout) -> detail line
-    estimate_s: int  # expected on an H200, start-up included; --budget_s bounds the whole run
+          "    times.append(time.perf_counter() - t)\n"
+          "print(2 * n**3 / sorted(times)[10] / 1e12)\n")  # the median of 20 products, random data
 
 
 def train(out: Path, *flags: str) -> list[str]:
     return [sys.executable, "train.py", *flags, "--out_dir", str(out)]
-
-
-def read_metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        raise CheckFailed(f"no {path}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -127,41 +111,10 @@ def verify_matmul(_work: Path, outputs: list[str]) -> str:
     return f"{float(outputs[-1].strip().splitlines()[-1]):.0f} TFLOP/s"
 
 
-def throughput_of(out: Path) -> tuple[float, float | None]:
-    """(tokens/s, MFU) of the last log window (the first holds start-up and compilation)."""
-    logged = [m for m in read_metrics(out) if "train/tokens_per_sec" in m]
-    if not logged:
-        raise CheckFailed(f"{out.name} logged no throughput")
-    falling_loss({m["step"]: m["train/loss"] for m in read_metrics(out) if "train/loss" in m}, THROUGHPUT_STEPS)
-    last = logged[-1]
-    return last["train/tokens_per_sec"], last.get("train/mfu")
 
-
-def verify_throughput(preset: str) -> Callable[[Path, list[str]], str]:
-    def verify(work: Path, _outputs: list[str]) -> str:
-        runs = {mode: throughput_of(work / f"tput_{preset}_{mode}") for mode in ("eager", "compiled")}
-        mode = max(runs, key=lambda m: runs[m][0])
-        tps, mfu = runs[mode]
-        matmul = _measured_matmul(work)
-        line = f"{tps:,.0f} tok/s ({mode}; eager {runs['eager'][0]:,.0f}, compiled {runs['compiled'][0]:,.0f})"
-        if mfu is not None:
-            line += f", MFU {mfu:.1%} of the device's peak"
-            if matmul:
-                from marjara.train.metrics import gpu_peak_tflops
-                import torch
-
-                peak = gpu_peak_tflops(torch.cuda.get_device_name()) or 0.0
-                line += f", {mfu * peak / matmul:.1%} of the measured bf16 matmul"
-        return line
-    return verify
-
-
-def verify_compiled(work: Path, _outputs: list[str]) -> str:
-    """The compiled `large` run of throughput_large: it trained under torch.compile, loss falling."""
-    log = work / "tput_large_compiled.log"
-    if not log.exists() or "the model runs under torch.compile" not in log.read_text():
-        raise CheckFailed("the compiled large run did not report running under torch.compile")
-    return "large under torch.compile: " + falling_loss(losses(work / "tput_large_compiled"), THROUGHPUT_STEPS)
+def measured_matmul(work: Path) -> float | None:
+    path = work / "matmul.txt"
+    return float(path.read_text()) if path.exists() else None
 
 
 def planner_device(name: str) -> str:
@@ -173,33 +126,8 @@ def planner_device(name: str) -> str:
     raise CheckFailed(f"the planner knows no device like {name!r} ({', '.join(DEVICES)})")
 
 
-def verify_planned_memory(work: Path, _outputs: list[str]) -> str:
-    """The planner's per-GPU peak for the eager throughput runs against the peak they measured."""
-    import torch
-
-    from marjara.planner.measure import compare_peak, planned_peak_bytes
-
-    device = planner_device(torch.cuda.get_device_name())
-    lines = []
-    for preset in THROUGHPUT:
-        run = work / f"tput_{preset}_eager"
-        peaks = [m["train/gpu_peak_memory_gib"] for m in read_metrics(run) if "train/gpu_peak_memory_gib" in m]
-        if not peaks:
-            raise CheckFailed(f"{run.name} logged no train/gpu_peak_memory_gib")
-        planned = planned_peak_bytes(throughput_flags(preset, run), gpus=1, gpu=device)
-        measured = max(peaks) * 2**30
-        if not 0.5 <= planned / measured <= 2.0:
-            raise CheckFailed(f"{preset}: " + compare_peak(planned, measured))
-        lines.append(f"{preset}: " + compare_peak(planned, measured))
-    return "; ".join(lines)
-
-
-def _measured_matmul(work: Path) -> float | None:
-    path = work / "matmul.txt"
-    return float(path.read_text()) if path.exists() else None
-
-
-def plan(work: Path) -> list[Check]:
+def correctness_checks(work: Path) -> list[Check]:
+    """The small runs: every precision / ZeRO path, MoE, checkpointing, resume, convert + generate."""
     checks = []
     for stage in (0, 1, 2, 3):
         name = f"bf16_zero{stage}"
@@ -224,96 +152,155 @@ def plan(work: Path) -> list[Check]:
     checks.append(Check("convert_generate", [
         [sys.executable, "-m", "marjara.convert", str(work / "resume_zero3_full"), str(work / "export")],
         [sys.executable, "-m", "marjara.generate", str(work / "export"), "--prompt", "The ", "--max_new_tokens", "32",
-         "--temperature", "0", "--device", "cuda"]], verify_generate, 30))
-    checks.append(Check("bf16_matmul", [[sys.executable, "-c", MATMUL]], verify_matmul, 15))
-    for preset in THROUGHPUT:
-        eager, compiled = work / f"tput_{preset}_eager", work / f"tput_{preset}_compiled"
-        checks.append(Check(f"throughput_{preset}", [
-            [sys.executable, "train.py", *throughput_flags(preset, eager)],
-            [sys.executable, "train.py", *throughput_flags(preset, compiled), "--compile"]],
-            verify_throughput(preset), 80 if preset == "large" else 100))
-        if preset == "large":
-            checks.append(Check("compile", [], verify_compiled, 0))
-    checks.append(Check("planned_memory", [], verify_planned_memory, 0))
+         "--temperature", "0", "--device", "cuda"]], verify_generate, 30, needs="resume_zero3"))
+    for check in checks:
+        check.parallel = True
     return checks
 
 
-def throughput_flags(preset: str, out: Path) -> list[str]:
-    return ["--model_size", preset, *THROUGHPUT[preset], "--max_steps", str(THROUGHPUT_STEPS), "--log_interval",
-            str(THROUGHPUT_LOG), "--eval_interval", "0", "--sample_tokens", "0", "--save_interval", "0",
-            "--warmup_steps", "5", "--mixed_precision", "bf16", "--deepspeed_config", "ds_configs/zero1.json",
-            "--out_dir", str(out)]
+def throughput_check(run: gpu_throughput.Run, work: Path, gpu: str, batches: dict, results: list[dict]) -> Check:
+    """One timed run; the command shown is its first try, at the planner's micro-batch."""
+    start = gpu_throughput.planned_batch(run.preset, run.checkpointed, gpu)
+    command = [sys.executable, "train.py", *gpu_throughput.run_flags(run, start, work / f"{run.name}_b{start}")]
+    return Check(run.name.replace("tput_", "throughput_"), [command], lambda _w, _o: "",
+                 gpu_throughput.estimate_s(run, start, gpu),
+                 execute=lambda work, deadline: gpu_throughput.execute(run, work, deadline, gpu, batches, results))
+
+
+def plan(work: Path, gpu: str = "H200") -> tuple[list[Check], list[dict]]:
+    """The checks in the order they run, and the list the throughput runs fill."""
+    batches: dict = {}
+    results: list[dict] = []
+    timed = [throughput_check(run, work, gpu, batches, results) for run in gpu_throughput.RUNS]
+
+    def verify_compiled(_work: Path, _outputs: list[str]) -> str:
+        """The --compile throughput runs that passed: each reported torch.compile, losses finite and falling."""
+        compiled = [r for r in results if r["mode"].startswith("compiled")]
+        if not compiled:
+            raise CheckSkipped("no --compile throughput run passed (their own lines say why)")
+        return "under torch.compile: " + ", ".join(f"{r['preset']} {r['mode']}" for r in compiled)
+
+    def verify_planned_memory(_work: Path, _outputs: list[str]) -> str:
+        """Each throughput run's planned per-GPU peak against the peak it measured."""
+        return gpu_throughput.verify_planned_memory(results)
+
+    checks = ([Check("bf16_matmul", [[sys.executable, "-c", MATMUL]], verify_matmul, 15)] + timed[:2]
+              + correctness_checks(work) + timed[2:]
+              + [Check("compile", [], verify_compiled, 0), Check("planned_memory", [], verify_planned_memory, 0)])
+    return checks, results
 
 
 def run_check(check: Check, work: Path, deadline: float) -> tuple[str, str]:
-    outputs = []
-    for cmd in check.commands:
-        left = deadline - time.monotonic()
-        if left < 5:
-            return "SKIP", "out of the time budget"
-        try:
-            result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                                    timeout=min(left, 3 * check.estimate_s))
-        except subprocess.TimeoutExpired:
-            return "FAIL", "out of the time budget while running"
-        if result.returncode != 0:
-            last = (result.stderr.strip().splitlines() or result.stdout.strip().splitlines() or ["no output"])[-1]
-            return "FAIL", f"exit {result.returncode}: {last[:200]}"
-        outputs.append(result.stdout)
-        if "--out_dir" in cmd:
-            (work / f"{Path(cmd[cmd.index('--out_dir') + 1]).name}.log").write_text(result.stdout + result.stderr)
-        if check.name == "bf16_matmul":
-            (work / "matmul.txt").write_text(result.stdout.strip().splitlines()[-1])
     try:
+        if check.execute is not None:
+            return check.execute(work, deadline)
+        env = {**os.environ, "OMP_NUM_THREADS": "4"} if check.parallel else None
+        outputs = []
+        for cmd in check.commands:
+            left = deadline - time.monotonic()
+            if left < 5:
+                return "SKIP", "out of the time budget"
+            try:
+                result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env,
+                                        timeout=min(left, 3 * check.estimate_s))
+            except subprocess.TimeoutExpired:
+                return "FAIL", "out of the time budget while running"
+            if "--out_dir" in cmd:
+                (work / f"{Path(cmd[cmd.index('--out_dir') + 1]).name}.log").write_text(result.stdout + result.stderr)
+            if result.returncode != 0:
+                last = (result.stderr.strip().splitlines() or result.stdout.strip().splitlines() or ["no output"])[-1]
+                return "FAIL", f"exit {result.returncode}: {last[:200]}"
+            outputs.append(result.stdout)
+            if check.name == "bf16_matmul":
+                (work / "matmul.txt").write_text(result.stdout.strip().splitlines()[-1])
         return "PASS", check.verify(work, outputs)
     except CheckFailed as exc:
         return "FAIL", str(exc)
+    except CheckSkipped as exc:
+        return "SKIP", str(exc)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--dry-run", action="store_true", help="print the checks and their commands; run nothing")
-    p.add_argument("--only", nargs="+", metavar="CHECK", help="run only these checks (names as --dry-run lists them)")
-    p.add_argument("--work_dir", default=None, help="where runs write (default: a fresh temporary folder)")
-    p.add_argument("--budget_s", type=float, default=540.0, help="stop starting runs after this many seconds")
-    args = p.parse_args(argv)
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="marjara_gpu_check_"))
-    checks = plan(work)
-    if args.only:
-        unknown = sorted(set(args.only) - {c.name for c in checks})
-        if unknown:
-            print(f"error: unknown check(s) {', '.join(unknown)}; choose from {', '.join(c.name for c in checks)}",
-                  file=sys.stderr)
-            return 2
-        checks = [c for c in checks if c.name in args.only]
-    if args.dry_run:
-        total = sum(c.estimate_s for c in checks)
-        for check in checks:
-            print(f"{check.name} (about {check.estimate_s} s):")
+def print_plan(checks: list[Check], budget_s: float, work: Path) -> None:
+    """Every check, its commands and estimate, the order they run in, and what --budget_s would skip."""
+    left, skipped = budget_s, []
+    for group in groups(checks):
+        admitted = admit(group, left)
+        left -= group_estimate(admitted)
+        skipped += [c.name for c in group if c not in admitted]
+        for check in group:
+            together = f", {PARALLEL} at a time with its neighbours" if check.parallel else ""
+            print(f"{check.name} (about {check.estimate_s} s{together}):")
             if not check.commands:
                 print(f"    (reads what earlier runs left: {check.verify.__doc__.splitlines()[0]})")
             for cmd in check.commands:
                 print("    " + shlex.join(str(part) for part in cmd))
-        print(f"{len(checks)} checks, about {total / 60:.1f} min; no run starts after --budget_s {args.budget_s:.0f} s; "
-              f"runs write to {work}")
-        return 0
-    import torch
+            if check.execute is not None:
+                print("    (micro-batch: the planner's; 3/4 of it again after an out-of-memory exit, "
+                      f"at most {gpu_throughput.MAX_TRIES} runs)")
+    total = sum(group_estimate(g) for g in groups(checks))
+    print(f"{len(checks)} checks, about {total / 60:.1f} min in all; runs write to {work}")
+    print(f"under --budget_s {budget_s:.0f}: {len(checks) - len(skipped)} run, {len(skipped)} skipped"
+          + (f" ({', '.join(skipped)})" if skipped else ""))
 
-    if not torch.cuda.is_available() or torch.cuda.device_count() < 1:
-        print("error: no CUDA GPU here; run this on a GPU machine, or pass --dry-run to see the plan", file=sys.stderr)
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--dry-run", action="store_true", help="print the checks, their commands and estimates; run nothing")
+    p.add_argument("--only", nargs="+", metavar="CHECK", help="run only these checks (names as --dry-run lists them)")
+    p.add_argument("--work_dir", default=None, help="where runs write (default: a fresh temporary folder)")
+    p.add_argument("--budget_s", type=float, default=330.0,
+                   help="start no check whose estimate no longer fits in this many seconds (default 330: one "
+                        "rerun still fits in the device's 15 minutes; see docs/gpu-run.md)")
+    p.add_argument("--gpu", default=None, help="the planner's device for --dry-run (default H200; on a GPU: the one here)")
+    args = p.parse_args(argv)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="marjara_gpu_check_"))
+    if not args.dry_run:
+        import torch
+
+        if not torch.cuda.is_available() or torch.cuda.device_count() < 1:
+            print("error: no CUDA GPU here; run this on a GPU machine, or pass --dry-run to see the plan",
+                  file=sys.stderr)
+            return 2
+    try:
+        gpu = args.gpu or ("H200" if args.dry_run else planner_device(torch.cuda.get_device_name()))
+        from marjara.planner.devices import lookup
+
+        lookup(gpu)
+    except Exception as exc:  # CheckFailed or the planner's MarjaraError: one line either way
+        print(f"error: {exc}", file=sys.stderr)
         return 2
+    checks, results = plan(work, gpu)
+    if args.only:
+        names = {c.name for c in checks}
+        unknown = sorted(set(args.only) - names)
+        if unknown:
+            print(f"error: unknown check(s) {', '.join(unknown)}; choose from {', '.join(c.name for c in checks)}",
+                  file=sys.stderr)
+            return 2
+        wanted = set(args.only) | {c.needs for c in checks if c.name in args.only and c.needs}
+        checks = [c for c in checks if c.name in wanted]
+    if args.dry_run:
+        print_plan(checks, args.budget_s, work)
+        return 0
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
-    print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · {time.strftime('%Y-%m-%d')} · {work}",
-          flush=True)
+    print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} (CUDA {torch.version.cuda}) · "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · budget {args.budget_s:.0f} s · {work}", flush=True)
     start = time.monotonic()
     deadline = start + args.budget_s
     verdicts = []
-    for check in checks:
-        began = time.monotonic()
-        verdict, detail = run_check(check, work, deadline)
+
+    def report(verdict: str, name: str, detail: str, seconds: float) -> None:
         verdicts.append(verdict)
-        print(f"{verdict:<4} {check.name:<20} {time.monotonic() - began:5.0f} s  {detail}", flush=True)
+        print(f"{verdict:<4} {name:<30} {seconds:5.0f} s  {detail}", flush=True)
+
+    for group in groups(checks):
+        run_group(group, lambda check: run_check(check, work, deadline), deadline, report)
+    from marjara.train.metrics import gpu_peak_tflops
+
+    if results:
+        print("throughput (bf16, ZeRO-1, one GPU; MFU of the device's dense bf16 peak):")
+        print(gpu_throughput.table(results, measured_matmul(work), gpu_peak_tflops(torch.cuda.get_device_name())))
     counts = {v: verdicts.count(v) for v in ("PASS", "FAIL", "SKIP")}
     print(f"summary: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped "
           f"in {time.monotonic() - start:.0f} s")
