@@ -75,8 +75,14 @@ FIELDS = ("What:", "Why:", "Upstream:", "Guard:", "Test:")
 
 
 def reaches():
-    return [(module, name, fn) for module in REACH_MODULES for name, fn in vars(module).items()
-            if inspect.isfunction(fn) and fn.__module__ == module.__name__ and not name.startswith("_")]
+    """Every public function of the compat modules (unwrapped: lru_cache and contextmanager too)."""
+    found = []
+    for module in REACH_MODULES:
+        for name, value in vars(module).items():
+            fn = inspect.unwrap(value) if callable(value) else value
+            if inspect.isfunction(fn) and fn.__module__ == module.__name__ and not name.startswith("_"):
+                found.append((module, name, fn))
+    return found
 
 
 def field(doc: str, name: str) -> str:
