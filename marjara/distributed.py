@@ -56,7 +56,8 @@ def ensure_process_group() -> None:
 
 
 def _remove_shm_buffer_at_exit() -> None:
-    """Each rank removes its own DeepSpeed shared-memory buffer (DeepSpeed never does) when its process ends, however it ends (short of SIGKILL).
+    """Each rank removes its own DeepSpeed shared-memory buffer (DeepSpeed never does) when its
+    process ends, however it ends (short of SIGKILL).
     The peers map it while their process group starts; the barrier makes sure every rank is past
     that, so the name is free to go (mappings stay valid after the unlink)."""
     barrier()
@@ -148,7 +149,8 @@ def shutdown() -> None:
     Without the barrier rank 0, which hosts the rendezvous store, may exit while a peer is still
     connected, and its C++ threads abort the process (exit 250). DeepSpeed's destroy_process_group()
     also drops its registry of groups, so that the groups no engine holds are freed here (call
-    marjara.compat.deepspeed.release_engine(engine) and drop the engine first). See exit_now() for those that outlive this.
+    marjara.compat.deepspeed.release_engine(engine) and drop the engine first). See exit_now()
+    for those that outlive this.
     """
     if not dist.is_initialized():
         return

@@ -17,7 +17,8 @@ from marjara.errors import MarjaraError, cause_in_brief
 
 def load_file(path: Path, deepspeed_objects: bool = False) -> dict:
     """torch.load(weights_only=True, mmap=True): tensors stay on disk until touched, so only the
-    parts a conversion reads take memory. `deepspeed_objects` allows the DeepSpeed classes optimizer files pickle (and nothing else)."""
+    parts a conversion reads take memory. `deepspeed_objects` allows the DeepSpeed classes optimizer
+    files pickle (and nothing else)."""
     try:
         if deepspeed_objects:
             with torch.serialization.safe_globals(checkpoint_pickle_classes()):
