@@ -221,9 +221,9 @@ def non_reentrant_checkpoint():
     Guard: version_guard("deepspeed").
     Test: tests/test_activation_checkpointing.py (losses and gradients equal the plain run's)."""
     version_guard("deepspeed")
-    from deepspeed.checkpointing import non_reentrant_checkpoint as checkpoint
+    import deepspeed  # deepspeed.checkpointing is an attribute of the package, not a module
 
-    return checkpoint
+    return deepspeed.checkpointing.non_reentrant_checkpoint
 
 
 def checkpoint_pickle_classes() -> list:
