@@ -15,12 +15,13 @@ from marjara.train.args import parse_config
 @cli_entry
 def main(argv=None) -> int:
     config = parse_config(argv)
+    from marjara.compat.deepspeed import release_engine
     from marjara.distributed import shutdown
     from marjara.train.learner import Learner
 
     learner = Learner(config)
     code = learner.fit()
-    learner.engine.destroy()  # removes its hooks, which keep its process groups alive
+    release_engine(learner.engine)  # removes its hooks, which keep its process groups alive
     del learner
     shutdown()
     return code

@@ -12,7 +12,6 @@ import gc
 import os
 import socket
 import sys
-from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
@@ -56,20 +55,15 @@ def ensure_process_group() -> None:
     _remove_shm_buffer_at_exit()
 
 
-def shm_buffer_path() -> Path:
-    """The shared-memory file DeepSpeed's CPU comm op creates for this rank when every rank is on
-    one node (LOCAL_SIZE == world size): /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
-    (named in DeepSpeed's csrc/cpu/comm/shm.cpp). DeepSpeed never removes it."""
-    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-                               f"{os.environ.get('MASTER_PORT', '')}_{rank()}")
-
-
 def _remove_shm_buffer_at_exit() -> None:
-    """Each rank removes its own buffer when its process ends, however it ends (short of SIGKILL).
+    """Each rank removes its own DeepSpeed shared-memory buffer (DeepSpeed never does) when its
+    process ends, however it ends (short of SIGKILL).
     The peers map it while their process group starts; the barrier makes sure every rank is past
     that, so the name is free to go (mappings stay valid after the unlink)."""
     barrier()
-    path = shm_buffer_path()
+    from marjara.compat.deepspeed import shm_buffer_path
+
+    path = shm_buffer_path(rank())
     if path.exists():
         atexit.register(path.unlink, missing_ok=True)
 
@@ -155,7 +149,8 @@ def shutdown() -> None:
     Without the barrier rank 0, which hosts the rendezvous store, may exit while a peer is still
     connected, and its C++ threads abort the process (exit 250). DeepSpeed's destroy_process_group()
     also drops its registry of groups, so that the groups no engine holds are freed here (call
-    engine.destroy() and drop the engine first). See exit_now() for those that outlive this.
+    marjara.compat.deepspeed.release_engine(engine) and drop the engine first). See exit_now()
+    for those that outlive this.
     """
     if not dist.is_initialized():
         return

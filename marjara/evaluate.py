@@ -71,7 +71,7 @@ def main(argv=None) -> int:
 
     import marjara.eval.lm_eval_adapter  # noqa: F401  (registers the "marjara" model)
     from marjara.checkpoint.inference import resolve_model_path
-    from marjara.compat import skip_builtin_task_index
+    from marjara.compat.lm_eval import skip_builtin_task_index
 
     from marjara.eval.task_check import check_tasks
 

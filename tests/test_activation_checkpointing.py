@@ -3,23 +3,20 @@ import torch
 
 from marjara.model.config import ModelConfig
 from marjara.distributed import ensure_process_group
-from marjara.model import MarjaraModel
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_deepspeed_activation_checkpointing_gives_the_same_loss_and_gradients(moe):
-    import deepspeed
+    from marjara.train.build import build_model  # what --grad_checkpointing builds
 
     ensure_process_group()
-    deepspeed.checkpointing.configure(None)
     config = ModelConfig.from_preset("tiny", vocab_size=64, use_moe=moe, capacity_factor=4.0)
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = MarjaraModel(config).train()
-        if checkpointing:
-            model.checkpoint_fn = deepspeed.checkpointing.non_reentrant_checkpoint
+        model = build_model(config, grad_checkpointing=checkpointing, ds_config={}).train()
+        assert (model.checkpoint_fn is not None) == checkpointing
         torch.manual_seed(1)  # same gate randomness in both runs
         _, loss = model(idx, targets=idx)
         loss.backward()

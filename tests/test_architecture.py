@@ -149,13 +149,152 @@ def private_library_uses(tree: ast.Module) -> list[str]:
     return found
 
 
-def test_only_the_compat_module_reaches_into_deepspeed_or_lm_eval_internals():
+def in_compat(name: str) -> bool:
+    return name == "marjara.compat" or name.startswith("marjara.compat.")
+
+
+def test_only_the_compat_package_reaches_into_deepspeed_or_lm_eval_internals():
     offenders = {name: uses for name, tree in modules().items()
-                 if name != "marjara.compat" and (uses := private_library_uses(tree))}
-    assert offenders == {}, "move these into marjara/compat.py, with a reason, link, guard and test"
+                 if not in_compat(name) and (uses := private_library_uses(tree))}
+    assert offenders == {}, "move these into marjara/compat/, with what, why, upstream, guard and test"
 
 
 def test_the_internals_check_sees_a_private_use():
     tree = ast.parse("from deepspeed.utils import groups\ndef f():\n    return groups._get_expert_parallel_rank('x')\n")
     assert private_library_uses(tree) == ["groups..._get_expert_parallel_rank"]
     assert private_library_uses(ast.parse("import os\nos._exit(0)\n")) == []
+
+
+# DeepSpeed's documented API: the names MARJARA may use outside marjara/compat/, each with the page
+# of DeepSpeed's documentation (its repository's docs/ folder) that documents it.
+DEEPSPEED_PUBLIC = {
+    "deepspeed.initialize": "code-docs/source/initialize.rst",
+    "deepspeed.init_distributed": "code-docs/source/initialize.rst",
+    "deepspeed.add_config_arguments": "code-docs/source/initialize.rst",
+    "deepspeed.checkpointing.configure": "code-docs/source/activation-checkpointing.rst",
+    "deepspeed.checkpointing.is_configured": "code-docs/source/activation-checkpointing.rst",
+    "deepspeed.checkpointing.checkpoint": "code-docs/source/activation-checkpointing.rst",
+    "deepspeed.checkpointing.reset": "code-docs/source/activation-checkpointing.rst",
+    "deepspeed.moe.layer.MoE": "code-docs/source/moe.rst",
+    "deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer": "_tutorials/mixture-of-experts.md",
+    "deepspeed.accelerator.get_accelerator": "_tutorials/accelerator-abstraction-interface.md",
+    "deepspeed.runtime.config.DeepSpeedConfig": "_tutorials/monitor.md",
+    "deepspeed.zero.GatheredParameters": "code-docs/source/zero3.rst",
+    "deepspeed.utils.safe_get_full_fp32_param": "code-docs/source/zero3.rst",
+    "deepspeed.utils.safe_get_local_fp32_param": "code-docs/source/zero3.rst",
+    "deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint": "code-docs/source/model-checkpointing.rst",
+    "deepspeed.utils.zero_to_fp32.load_state_dict_from_zero_checkpoint": "code-docs/source/model-checkpointing.rst",
+    "deepspeed.utils.zero_to_fp32.convert_zero_checkpoint_to_fp32_state_dict": "code-docs/source/model-checkpointing.rst",
+}
+# Whole namespaces: deepspeed.comm mirrors torch.distributed (_pages/training.md, communication logging).
+DEEPSPEED_PUBLIC_MODULES = {"deepspeed.comm"}
+# What the engine deepspeed.initialize returns documents (code-docs/source/training.rst,
+# model-checkpointing.rst; `module` and `device` in _tutorials/getting-started.md and cifar-10.md),
+# and the torch.nn.Module methods it inherits that MARJARA calls.
+ENGINE_PUBLIC = {"forward", "backward", "scale", "step", "is_gradient_accumulation_boundary",
+                 "set_gradient_accumulation_boundary", "no_sync", "save_checkpoint", "load_checkpoint",
+                 "save_16bit_model", "compile", "module", "device", "optimizer", "train", "eval"}
+# Attributes DeepSpeed sets on engines, optimizers, parameters and MoE layers without documenting
+# them. (ZeRO-3's `ds_tensor` and `ds_shape` are used in code-docs/source/zero3.rst's examples.)
+DEEPSPEED_INTERNAL_ATTRIBUTES = {
+    "get_lr", "get_global_grad_norm", "skipped_steps", "global_steps", "destroy", "dp_world_size",
+    "zero_optimization_stage", "enable_backward_allreduce", "allreduce_gradients", "loss_scale",
+    "loss_scaler", "cur_scale", "loss_scale_config", "custom_loss_scaler", "ds_numel", "ds_id", "ds_status",
+    "ds_persist", "ds_process_group", "_dp_group", "deepspeed_moe", "deepspeed_experts", "ep_group",
+    "group_name", "expert_group_name", "num_local_experts", "set_deepspeed_parallelism",
+    "fp32_partitioned_groups_flat", "bit16_groups", "single_partition_of_fp32_groups",
+}
+SCANNED_SCRIPTS = [PACKAGE.parent / "train.py", *sorted((PACKAGE.parent / "bench").glob("*.py"))]
+
+
+def deepspeed_names(tree: ast.Module) -> list[str]:
+    """Every dotted DeepSpeed name the source imports or reaches through an attribute chain
+    (`import deepspeed` then `deepspeed.a.b`, `from deepspeed.a import b as c` then `c.d`). What a
+    call returns is not followed: the engine's attributes are checked by engine_attributes."""
+    aliases, used = {}, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "deepspeed":
+                    used.append(alias.name)
+                    aliases[alias.asname or "deepspeed"] = alias.name if alias.asname else "deepspeed"
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "deepspeed":
+            for alias in node.names:
+                used.append(f"{node.module}.{alias.name}")
+                aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            chain, head = [], node
+            while isinstance(head, ast.Attribute):
+                chain.append(head.attr)
+                head = head.value
+            if isinstance(head, ast.Name) and head.id in aliases:
+                used.append(".".join([aliases[head.id], *reversed(chain)]))
+    return used
+
+
+def is_public(name: str) -> bool:
+    return (name == "deepspeed" or name in DEEPSPEED_PUBLIC
+            or any(name == m or name.startswith(m + ".") for m in DEEPSPEED_PUBLIC_MODULES)
+            or any(public.startswith(name + ".") for public in [*DEEPSPEED_PUBLIC, *DEEPSPEED_PUBLIC_MODULES]))
+
+
+def engine_attributes(tree: ast.Module) -> list[str]:
+    """Attributes read from a DeepSpeed engine: from a name `engine` or an attribute `.engine`."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            receiver = node.value
+            if (isinstance(receiver, ast.Name) and receiver.id == "engine") or (
+                    isinstance(receiver, ast.Attribute) and receiver.attr == "engine"):
+                found.append(node.attr)
+    return found
+
+
+def internal_attributes(tree: ast.Module) -> list[str]:
+    """Uses of DEEPSPEED_INTERNAL_ATTRIBUTES: `x.name`, and getattr/hasattr/setattr(x, "name", ...)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in DEEPSPEED_INTERNAL_ATTRIBUTES:
+            found.append(node.attr)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "hasattr", "setattr") and len(node.args) >= 2
+              and isinstance(node.args[1], ast.Constant) and node.args[1].value in DEEPSPEED_INTERNAL_ATTRIBUTES):
+            found.append(node.args[1].value)
+    return found
+
+
+def sources_outside_compat() -> dict[str, ast.Module]:
+    found = {name: tree for name, tree in modules().items() if not in_compat(name)}
+    for path in SCANNED_SCRIPTS:
+        found[str(path.relative_to(PACKAGE.parent))] = ast.parse(path.read_text(), filename=str(path))
+    return found
+
+
+def test_outside_compat_deepspeed_is_used_through_its_documented_entry_points_only():
+    offenders = {name: wrong for name, tree in sources_outside_compat().items()
+                 if (wrong := sorted({n for n in deepspeed_names(tree) if not is_public(n)}))}
+    assert offenders == {}, "use these through marjara/compat/deepspeed.py (what, why, upstream, guard, test)"
+
+
+def test_outside_compat_no_undocumented_engine_optimizer_parameter_or_moe_attribute_is_used():
+    offenders = {}
+    for name, tree in sources_outside_compat().items():
+        wrong = sorted({a for a in engine_attributes(tree) if a not in ENGINE_PUBLIC} | set(internal_attributes(tree)))
+        if wrong:
+            offenders[name] = wrong
+    assert offenders == {}, "use these through marjara/compat/deepspeed.py (what, why, upstream, guard, test)"
+
+
+def test_the_deepspeed_checks_see_internal_names_however_they_are_reached():
+    tree = ast.parse("import deepspeed\nimport deepspeed.comm as comm\nfrom deepspeed.runtime import zero as z\n"
+                     "from deepspeed.moe.layer import MoE\n"
+                     "def f(engine, p, self):\n    deepspeed.utils.logger.setLevel(1)\n    comm.get_rank()\n"
+                     "    z.stage3.Thing\n    MoE(1)\n    deepspeed.initialize()\n"
+                     "    engine.get_lr(); engine.backward(1); self.engine.skipped_steps\n"
+                     "    getattr(p, 'ds_persist', False); p.ds_tensor; p.group_name\n")
+    assert sorted(n for n in deepspeed_names(tree) if not is_public(n)) == [
+        "deepspeed.runtime.zero", "deepspeed.runtime.zero.stage3", "deepspeed.runtime.zero.stage3.Thing",
+        "deepspeed.utils.logger", "deepspeed.utils.logger.setLevel"]
+    assert sorted(a for a in engine_attributes(tree) if a not in ENGINE_PUBLIC) == ["get_lr", "skipped_steps"]
+    assert sorted(internal_attributes(tree)) == ["ds_persist", "get_lr", "group_name", "skipped_steps"]

@@ -26,17 +26,17 @@ def _generator(seed: int, layer: int, expert: int) -> torch.Generator:
 def init_experts(model: nn.Module, seed: int, use_data_before_expert_parallelism: bool = False) -> None:
     """Re-draw every expert matrix of `model` (a MarjaraModel) from its global expert's generator
     (the expert-parallel rank comes from DeepSpeed's groups, made here if need be: see
-    marjara.compat.expert_parallel_rank; pass the run's use_data_before_expert_parallelism)."""
-    from marjara.compat import expert_parallel_rank
+    marjara.compat.deepspeed_moe.expert_parallel_rank; pass the run's use_data_before_expert_parallelism)."""
+    from marjara.compat.deepspeed_moe import expert_parallel_rank, local_experts
 
     for block in model.blocks:
         if not block.is_moe:
             continue
         moe = block.ffn.moe
         ep_rank = expert_parallel_rank(moe, use_data_before_expert_parallelism)
-        local = moe.num_local_experts
-        for index, expert in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
-            generator = _generator(seed, block.layer, ep_rank * local + index)
+        experts = local_experts(moe)
+        for index, expert in enumerate(experts):
+            generator = _generator(seed, block.layer, ep_rank * len(experts) + index)
             for name, param in expert.named_parameters():
                 if param.dim() < 2:
                     continue  # SwiGLU experts have no vectors; a bias would stay as initialised

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marjara.compat import deterministic_moe_gate, ensure_expert_group
+from marjara.compat.deepspeed_moe import deterministic_moe_gate, ensure_expert_group
 from marjara.errors import MarjaraError
 from marjara.model.config import ModelConfig
 

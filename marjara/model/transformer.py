@@ -170,8 +170,8 @@ class MarjaraModel(nn.Module):
 
 
 def _full_numel(param: torch.Tensor) -> int:
-    # Under ZeRO-3 a parameter's local tensor is a shard; ds_numel holds its full size.
-    return getattr(param, "ds_numel", param.numel())
+    # Under ZeRO-3 a parameter's local tensor is a shard; ds_shape holds its full shape.
+    return math.prod(getattr(param, "ds_shape", param.shape))
 
 
 def _check_process_group(config: ModelConfig) -> None:

@@ -8,6 +8,8 @@ from typing import Callable
 
 import torch
 
+from marjara.compat.deepspeed import inner_optimizer, zero3_persistent
+
 
 def model_state_bytes(engine) -> int:
     """Bytes of parameters and optimizer state (fp32 masters, Adam moments) this rank holds: the
@@ -22,11 +24,11 @@ def model_state_bytes(engine) -> int:
     for p in engine.module.parameters():
         if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's shard, and the whole of a persistent parameter
             add(p.ds_tensor)
-            if getattr(p, "ds_persist", False):
+            if zero3_persistent(p):
                 add(p.data)
         else:
             add(p)
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    inner = inner_optimizer(engine)
     # The optimizer's state is keyed by the tensors it updates (the fp32 masters, or the flat
     # partitions ZeRO hands it; ZeRO-3 empties param_groups between steps).
     for master, state in inner.state.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 
+from marjara.compat.deepspeed import non_reentrant_checkpoint, quiet_logger
 from marjara.model import MarjaraModel
 from marjara.model.config import PRESETS, ModelConfig
 from marjara.train.config import TrainConfig
@@ -19,9 +20,7 @@ MOE_FIELDS = ("num_experts", "top_k", "ep_size", "capacity_factor", "eval_capaci
 def quiet_libraries(this_rank: int) -> None:
     """DeepSpeed logs at INFO on every rank, and torch warns about DeepSpeed's collectives on every
     call; MARJARA reports progress itself, from rank 0."""
-    import deepspeed
-
-    deepspeed.utils.logger.setLevel(logging.WARNING if this_rank == 0 else logging.ERROR)
+    quiet_logger(logging.WARNING if this_rank == 0 else logging.ERROR)
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
@@ -49,7 +48,7 @@ def build_model(config: ModelConfig, grad_checkpointing: bool, ds_config: dict) 
             profile=block.get("profile", False))
         # The non-re-entrant variant: the re-entrant one silently drops parameter gradients of
         # blocks none of whose inputs require grad.
-        model.checkpoint_fn = deepspeed.checkpointing.non_reentrant_checkpoint
+        model.checkpoint_fn = non_reentrant_checkpoint()
     return model
 
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import copy
 import difflib
-import functools
 import numbers
-from collections.abc import KeysView
 
+from marjara.compat.deepspeed import config_keys_read, config_model_fields
 from marjara.errors import MarjaraError
 
 AUTO = "auto"
@@ -53,37 +52,10 @@ _BLOCKS = ("zero_optimization", "bf16", "fp16", "optimizer", "scheduler", "activ
            "tensorboard", "checkpoint", "flops_profiler", "comms_logger", "wandb", "csv_monitor", "data_types")
 
 
-@functools.lru_cache(maxsize=1)
 def known_top_level_keys() -> frozenset[str]:
-    """Every top-level key DeepSpeed's config reader looks up, found by letting it read a config
-    that records each lookup (so the list follows the installed DeepSpeed, never a copy of it)."""
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    seen: set[str] = set()
-
-    class _Keys(KeysView):
-        def __contains__(self, key):
-            seen.add(key)
-            return key in self._mapping
-
-    class _Recording(dict):
-        def get(self, key, *default):
-            seen.add(key)
-            return super().get(key, *default)
-
-        def __contains__(self, key):
-            seen.add(key)
-            return super().__contains__(key)
-
-        def __getitem__(self, key):
-            seen.add(key)
-            return super().__getitem__(key)
-
-        def keys(self):
-            return _Keys(self)
-
-    DeepSpeedConfig(_Recording(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1))
-    return frozenset(key for key in seen if isinstance(key, str)) | _ENGINE_KEYS
+    """Every top-level key DeepSpeed reads: those its config reader looks up (read from the
+    installed DeepSpeed, never a copy of it), and those its engine reads outside it."""
+    return config_keys_read() | _ENGINE_KEYS
 
 
 def _nearest(word: str, choices) -> str:
@@ -139,7 +111,7 @@ def _describe_validation_error(exc, config: dict) -> str:
     path = ".".join(((block,) if block else ()) + loc)
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        fields = _model_fields(exc.title, loc[:-1])
+        fields = config_model_fields(exc.title, loc[:-1])
         return f'unknown key "{path}"{_nearest(loc[-1], fields)} ({exc.title} does not read it)'
     value = f" (got {error['input']!r})" if "input" in error and not isinstance(error["input"], dict) else ""
     return f'"{path}": {message}{value}'
@@ -162,26 +134,3 @@ def _resolves(node, loc: tuple[str, ...]) -> bool:
             return False
         node = node[part]
     return bool(loc)
-
-
-def _model_fields(title: str, inner: tuple[str, ...]) -> set[str]:
-    """Field names and aliases of the pydantic model called `title`, or of its nested model at `inner`."""
-    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
-
-    def subclasses(cls):
-        for sub in cls.__subclasses__():
-            yield sub
-            yield from subclasses(sub)
-
-    model = next((cls for cls in subclasses(DeepSpeedConfigModel) if cls.__name__ == title), None)
-    for part in inner:
-        if model is None:
-            return set()
-        field = model.model_fields.get(part) or next(
-            (f for f in model.model_fields.values() if f.alias == part), None)
-        annotation = getattr(field, "annotation", None)
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, DeepSpeedConfigModel)), None)
-    if model is None:
-        return set()
-    return set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}

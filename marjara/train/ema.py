@@ -22,13 +22,15 @@ from torch import nn
 from marjara import distributed
 from marjara.checkpoint.format import EMA_REPLICATED as REPLICATED
 from marjara.checkpoint.format import EMA_ZERO3_SHARDS as ZERO3_SHARDS
-from marjara.compat import expert_groups
+from marjara.compat.deepspeed import zero3_persistent
+from marjara.compat.deepspeed_moe import expert_groups
+from marjara.compat.deepspeed_moe import local_experts as experts_held
 from marjara.model.param_names import global_param_name, is_expert_param
 
 
 def _expert_group_info(param: nn.Parameter):
     """(data-parallel group of this expert, its size, this rank's index in it, expert-parallel rank)."""
-    dp_group, ep_rank = expert_groups(param.group_name)
+    dp_group, ep_rank = expert_groups(param)
     return dp_group, dist.get_world_size(dp_group), dist.get_rank(dp_group), ep_rank
 
 
@@ -115,7 +117,7 @@ class WeightEMA:
         backups = {}
         with torch.no_grad():
             for name, param in self._params.items():
-                if self.layout == ZERO3_SHARDS and getattr(param, "ds_persist", False):
+                if self.layout == ZERO3_SHARDS and zero3_persistent(param):
                     # Small parameters ZeRO-3 keeps whole on every rank: rebuild them from the shards.
                     backups[name] = (param.data.clone(), param.ds_tensor.detach().clone())
                     param.data.copy_(self._gather_full(name).to(param.dtype))
@@ -149,7 +151,9 @@ class WeightEMA:
 
 
 def _local_experts(module: nn.Module) -> int:
+    from deepspeed.moe.layer import MoE
+
     for sub in module.modules():
-        if hasattr(sub, "num_local_experts"):
-            return sub.num_local_experts
+        if isinstance(sub, MoE):
+            return len(experts_held(sub))
     return 1

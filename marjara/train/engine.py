@@ -1,9 +1,9 @@
 """deepspeed.initialize as MARJARA calls it (the trainer and the benchmarks alike), with the
-corrections of marjara.compat to what DeepSpeed does on its own."""
+corrections of marjara.compat.deepspeed to what DeepSpeed does on its own."""
 
 from __future__ import annotations
 
-from marjara.compat import share_zero3_fp32_masters, skip_single_rank_allreduce
+from marjara.compat.deepspeed import share_zero3_fp32_masters, skip_single_rank_allreduce
 
 
 def initialize_engine(**kwargs):

@@ -72,7 +72,7 @@ def expert_parallel_rank(model: nn.Module, use_data_before_expert_parallelism: b
     """This rank's expert-parallel rank (all MoE layers of a MarjaraModel share one ep_size)."""
     from deepspeed.moe.layer import MoE
 
-    from marjara.compat import expert_parallel_rank as layer_rank
+    from marjara.compat.deepspeed_moe import expert_parallel_rank as layer_rank
 
     for module in model.modules():
         if isinstance(module, MoE):

@@ -20,7 +20,7 @@ from marjara.train import init_from
 from marjara.model.expert_init import init_experts
 from marjara.train.allocator import active_allocator
 from marjara.train.batches import DeviceBatches
-from marjara.compat import engine_leaves_loss_unscaled, loss_for_backward
+from marjara.compat.deepspeed import engine_leaves_loss_unscaled, loss_for_backward, skipped_steps
 from marjara.train.build import build_engine, build_model, compile_model, model_config, quiet_libraries
 from marjara.train.config import TrainConfig
 from marjara.train.ema import WeightEMA
@@ -71,7 +71,7 @@ class Learner:
             self.report.print(f"initialised from {init.describe()}")
         self.engine, group_hparams = build_engine(model, cfg, resume.engine_config(ds_config) if resume else ds_config)
         self.model = self.engine.module
-        self.loss_unscaled = engine_leaves_loss_unscaled(self.engine.optimizer)  # ZeRO-0 fp16: see compat
+        self.loss_unscaled = engine_leaves_loss_unscaled(self.engine)  # ZeRO-0 fp16: see compat
         self.ema = WeightEMA(self.model, cfg.ema_decay, cfg.zero_stage) if cfg.ema_decay > 0 else None
         self.step, samples_consumed = resume.load(self.engine, self.ema, group_hparams, self.report) if resume else (0, 0)
         if cfg.skip_samples:
@@ -100,13 +100,13 @@ class Learner:
         with StopRequests() as stop:
             self.meter = self._start()
             while self.step < cfg.max_steps:
-                skipped_before, first_sample = self.engine.skipped_steps, self.batches.samples_consumed
+                skipped_before, first_sample = skipped_steps(self.engine), self.batches.samples_consumed
                 self.train_step()
                 self.step += 1
                 last = self.step == cfg.max_steps
                 # The one host sync of the step: the stop signal and the non-finite flag, agreed together.
                 signum, loss_bad = stop.agreed_with(self.guard.take_loss_flag())
-                if self.guard.end_step(self.step, first_sample, self.engine.skipped_steps > skipped_before, loss_bad):
+                if self.guard.end_step(self.step, first_sample, skipped_steps(self.engine) > skipped_before, loss_bad):
                     self._report_bad_step()
                 if self.guard.must_stop:  # every rank agrees; the run ends the usual way, with exit code 3
                     return self._stop_non_finite()

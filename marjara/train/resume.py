@@ -8,7 +8,7 @@ import torch
 from marjara.checkpoint import store as ckpt
 from marjara.checkpoint.ema_reader import ema_tensors
 from marjara.checkpoint.format import find_resume_point
-from marjara.compat import repair_universal_optimizer
+from marjara.compat.deepspeed import repair_universal_optimizer
 from marjara.checkpoint.verify import check_checkpoint
 from marjara.errors import AgreedError, MarjaraError
 from marjara.model.config import ModelConfig

@@ -9,7 +9,7 @@ import time
 import torch
 
 from marjara import distributed
-from marjara.train.loss_scale import current_loss_scale
+from marjara.compat.deepspeed import current_loss_scale, global_grad_norm, learning_rate, skipped_steps
 from marjara.train.metrics import mfu_report
 
 
@@ -31,7 +31,7 @@ class StepMeter:
 
     def before_optimizer_step(self) -> None:
         """At the accumulation boundary, before engine.step() advances the scheduler and clears grads."""
-        self.lr = self.engine.get_lr()[0]
+        self.lr = learning_rate(self.engine)
         if self.measure_grad_norm:
             norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
             self.grad_norm = torch.stack(norms).norm() if norms else None
@@ -55,7 +55,7 @@ class StepMeter:
         values = {"train/loss": loss, "train/lr": self.lr, "train/tokens_per_sec": tokens_per_sec}
         mfu_values, mfu_line = mfu_report(self.flops_per_token, tokens_per_sec, self.peak, self.world)
         values.update(mfu_values)
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = global_grad_norm(self.engine)
         if grad_norm is None:
             grad_norm = self.grad_norm
         if grad_norm is not None:
@@ -64,7 +64,7 @@ class StepMeter:
             scale = current_loss_scale(self.engine.optimizer)
             if scale is not None:
                 values["train/loss_scale"] = scale
-            values["train/skipped_steps"] = float(self.engine.skipped_steps)
+            values["train/skipped_steps"] = float(skipped_steps(self.engine))
         if torch.cuda.is_available():  # the allocator's own count: no device sync
             values["train/gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if self.model.config.use_moe:
