@@ -59,7 +59,7 @@ def test_every_model_flag_reaches_the_model_config():
     """Each ModelConfig flag given to train.py is the model's value (MoE ones with --use_moe)."""
     changed = {"dropout": 0.1, "use_moe": True, "num_experts": 8, "top_k": 2, "capacity_factor": 2.0,
                "eval_capacity_factor": 3.0, "min_capacity": 1, "use_residual": True, "moe_layer_freq": 1, "ep_size": 2,
-               "aux_loss_coef": 0.5}
+               "aux_loss_coef": 0.5, "rope_theta": 5e5}
     assert set(changed) == {f.name for f in MODEL_FLAGS}  # a new model flag gets a value here
     config = model_config(TrainConfig.from_flags(changed, has_gpu=False), 256)
     assert {name: getattr(config, name) for name in changed} == changed
@@ -167,3 +167,28 @@ def test_init_from_refuses_every_architectural_flag_that_contradicts_the_folder(
     cfg = TrainConfig.from_flags({"init_from": str(tmp_path / "m")}, has_gpu=False)
     assert {s.name: getattr(cfg.model, s.attr) for s in settings().values() if s.architectural} == {
         s.name: getattr(model.config, s.name) for s in settings().values() if s.architectural}
+
+
+def test_rope_theta_is_a_train_flag_declared_once(tmp_path):
+    """Declared in ModelConfig alone: --help, the rule, --init_from's and --resume's checks, the
+    exported config.json follow. A run trains with it and its checkpoint records it."""
+    import subprocess
+    import sys
+
+    from train_helpers import QUICK, ROOT, TRAIN
+
+    parser = {a.dest: a for a in build_parser()._actions}
+    assert parser["rope_theta"].help == "RoPE base frequency (larger: slower-turning positions, for longer contexts) " \
+        "(default: 10000.0)"
+    assert settings()["rope_theta"].architectural and "rope_theta" not in PLANNED_FLAGS
+    with pytest.raises(MarjaraError, match=r"^--rope_theta must be > 0 \(got 0\.0\)$"):
+        parse_config(["--rope_theta", "0"], has_gpu=False)
+    result = subprocess.run([sys.executable, TRAIN, *QUICK, "--max_steps", "1", "--rope_theta", "500000", "--out_dir",
+                             str(tmp_path / "ck")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    meta = json.loads(next((tmp_path / "ck").glob("global_step*/marjara.json")).read_text())
+    assert meta["model_config"]["rope_theta"] == 500000.0 and meta["train_args"]["rope_theta"] == 500000.0
+    resumed = subprocess.run([sys.executable, TRAIN, *QUICK, "--max_steps", "2", "--resume", str(tmp_path / "ck"),
+                              "--out_dir", str(tmp_path / "ck")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 2
+    assert "rope_theta: 500000.0 != 10000.0 as checkpoint != now" in resumed.stderr.strip().splitlines()[-1]

@@ -55,7 +55,7 @@ class ModelConfig:
     ffn_multiple_of: int = knob(64, "what an ffn_hidden_size worked out from d_model is rounded up to")
     max_seq_len: int = knob(256, "longest sequence the RoPE tables cover", rule=POSITIVE, architectural=False)
     rope_theta: float = knob(10000.0, "RoPE base frequency (larger: slower-turning positions, for longer contexts)",
-                             rule=POSITIVE)
+                             rule=POSITIVE, flag=True)
     norm_eps: float = knob(1e-6, "RMSNorm epsilon", rule=POSITIVE)
     qk_norm: bool = knob(True, "RMSNorm of each head's queries and keys before RoPE")
     tie_embeddings: bool = knob(True, "the output matrix is the token embedding")
