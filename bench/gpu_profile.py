@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     print("train.py " + " ".join(flags), flush=True)
     from torch.profiler import ProfilerActivity, profile, schedule
 
+    from marjara.compat.deepspeed import release_engine
     from marjara.distributed import shutdown
     from marjara.train.args import parse_config
     from marjara.train.learner import Learner
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                  record_shapes=False) as prof:
         instrument(learner, prof, label_head=not args.compile)
         code = learner.fit()
-    learner.engine.destroy()
+    release_engine(learner.engine)
     shutdown()
     if code != 0:
         print(f"error: the profiled run ended with exit code {code}", file=sys.stderr)

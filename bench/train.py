@@ -48,7 +48,7 @@ def train_config(stage: int, batch: int, precision: str, grad_accum: int = 1) ->
 
 
 def new_engine(model: MarjaraModel, cfg: TrainConfig):
-    optimizer = build_adamw(parameter_groups(model, cfg.weight_decay), cfg)
+    optimizer = build_adamw(parameter_groups(model, cfg.optim.weight_decay), cfg)
     return initialize_engine(model=model, optimizer=optimizer, config=cfg.engine_config(world_size()))
 
 
@@ -88,7 +88,7 @@ def tokens_per_sec(step, data) -> float:
 def time_plain(args, device) -> float:
     model = build(args.preset).to(device)
     cfg = train_config(0, args.batch_size, args.precision, args.grad_accum)
-    optimizer = build_adamw(parameter_groups(model, cfg.weight_decay), cfg)
+    optimizer = build_adamw(parameter_groups(model, cfg.optim.weight_decay), cfg)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def step(micro_batches):
@@ -96,7 +96,7 @@ def time_plain(args, device) -> float:
             with autocast:
                 _, loss = model(x, targets=y)
             (loss / len(micro_batches)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -31,7 +31,7 @@ def measure(preset: str, vocab: int, precision: str, stage: int) -> int:
                                   "batch_size": 1, "mixed_precision": precision}, has_gpu=False)
     torch.manual_seed(0)
     model = MarjaraModel(ModelConfig.from_preset(preset, vocab_size=vocab))
-    engine = initialize_engine(model=model, optimizer=build_adamw(parameter_groups(model, cfg.weight_decay), cfg),
+    engine = initialize_engine(model=model, optimizer=build_adamw(parameter_groups(model, cfg.optim.weight_decay), cfg),
                                config=cfg.engine_config(world_size()))
     x = torch.randint(0, vocab, (1, 17))
     _, loss = engine(x[:, :-1], x[:, 1:])

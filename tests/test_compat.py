@@ -124,7 +124,7 @@ def tiny_engine(stage: int, model=None, config=None):
     torch.manual_seed(0)
     model = model or MarjaraModel(ModelConfig.from_preset("tiny", vocab_size=128))
     cfg = TrainConfig.from_flags({"batch_size": 2, "zero_stage": stage}, has_gpu=False)
-    groups = parameter_groups(model, cfg.weight_decay)
+    groups = parameter_groups(model, cfg.optim.weight_decay)
     settings = {**cfg.engine_config(world_size=1), **(config or {})}
     return initialize_engine(model=model, optimizer=build_adamw(groups, cfg), config=settings), groups
 

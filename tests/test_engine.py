@@ -33,7 +33,7 @@ def new_engine(stage: int, bf16: bool = False):
     model = MarjaraModel(ModelConfig.from_preset("tiny", vocab_size=128))
     cfg = TrainConfig.from_flags({"batch_size": 2, "zero_stage": stage, "mixed_precision": "bf16" if bf16 else "fp32"},
                                  has_gpu=False)
-    return initialize_engine(model=model, optimizer=build_adamw(parameter_groups(model, cfg.weight_decay), cfg),
+    return initialize_engine(model=model, optimizer=build_adamw(parameter_groups(model, cfg.optim.weight_decay), cfg),
                              config=cfg.engine_config(world_size=1))
 
 

@@ -69,7 +69,7 @@ def test_every_command_is_accepted_by_the_command_it_runs(tmp_path):
         for cmd in check.commands:
             if cmd[1] == "train.py":
                 config = parse_config(cmd[2:], has_gpu=True)
-                assert str(config.out_dir).startswith(str(tmp_path))
+                assert str(config.checkpoint.out_dir).startswith(str(tmp_path))
             elif cmd[1:3] == ["-m", "marjara.convert"]:
                 convert.parse_args(cmd[3:])
             elif cmd[1:3] == ["-m", "marjara.generate"]:

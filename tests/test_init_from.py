@@ -79,7 +79,7 @@ def test_flags_that_contradict_the_folder_are_refused(tmp_path):
         with pytest.raises(MarjaraError, match=message):
             parse_config(argv)
     cfg = parse_config(["--init_from", str(folder), "--top_k", "2", "--ep_size", "2"])  # agreeing flags are fine
-    assert (cfg.use_moe, cfg.num_experts, cfg.top_k, cfg.ep_size, cfg.seq_len) == (True, 4, 2, 2, 256)
+    assert (cfg.model.use_moe, cfg.model.num_experts, cfg.model.top_k, cfg.model.ep_size, cfg.data.seq_len) == (True, 4, 2, 2, 256)
 
 
 def test_data_of_another_tokenizer_is_refused_in_one_line(tmp_path):

@@ -100,6 +100,6 @@ def test_the_training_gate_in_eval_only_when_asked():
 def test_a_training_config_with_an_unknown_moe_eval_routing_is_refused():
     from marjara.train.config import TrainConfig
 
-    assert TrainConfig.from_flags({"use_moe": True}, has_gpu=False).moe_eval_routing == "deterministic"
+    assert TrainConfig.from_flags({"use_moe": True}, has_gpu=False).model.moe_eval_routing == "deterministic"
     with pytest.raises(MarjaraError, match="--moe_eval_routing must be one of deterministic, training"):
         TrainConfig.from_flags({"use_moe": True, "moe_eval_routing": "noisy"}, has_gpu=False)

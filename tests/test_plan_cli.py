@@ -95,7 +95,7 @@ def test_written_config_is_accepted_by_deepspeed_and_train_py(tmp_path):
     (["--mfu", "1.5"], "--mfu must be in (0, 1]"),
     (["--tokens", "nan"], "--tokens must be > 0"),
     (["--peak_tflops", "nan"], "--peak_tflops must be > 0"),
-    (["--batch_size", "0"], "batch_size must be a positive integer"),
+    (["--batch_size", "0"], "--batch_size must be >= 1 (got 0)"),
     (["--global_batch_tokens", "1024", "--nodes", "8"], "less than one sequence of 256 tokens per GPU"),
     (["--offload_param", "--zero_stage", "2"], "--offload_param needs ZeRO stage 3"),
     (["--zero_stage", "1", "--deepspeed_config", "ds_configs/zero3.json"], "--zero_stage 1 contradicts \"stage\": 3"),

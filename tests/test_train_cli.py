@@ -11,8 +11,7 @@ from train_helpers import QUICK, ROOT, TRAIN
 from marjara.errors import MarjaraError
 from marjara.model.config import ModelConfig
 from marjara.train.args import _default_text, build_parser, parse_config
-from marjara.train.build import MOE_FIELDS
-from marjara.train.config import flag_fields
+from marjara.train.settings import settings
 
 
 def words(text: str) -> str:
@@ -26,7 +25,7 @@ def test_help_shows_every_flag_with_its_help_and_real_default():
     assert "deepscale" not in shown  # DeepSpeed's deprecated spellings stay hidden
     assert "(default: None)" not in shown
     flags = [a for a in build_parser()._actions if a.help != argparse.SUPPRESS and a.dest != "help"]
-    assert {a.dest for a in flags} >= set(flag_fields()) | {"deepspeed_config"}
+    assert {a.dest for a in flags} >= set(settings()) | {"deepspeed_config"}
     for action in flags:
         help_text = words(action.help)
         assert action.option_strings[-1] in shown
@@ -39,15 +38,17 @@ def test_help_shows_every_flag_with_its_help_and_real_default():
 def test_the_default_help_states_is_the_one_a_run_gets():
     parser = {a.dest: a for a in build_parser()._actions}
     cfg = parse_config([], has_gpu=False)
-    for name, spec in flag_fields().items():
-        if spec.metadata["shown"] is None:  # a fixed default: stated as it is, and taken as it is
+    for name, spec in settings().items():
+        if spec.shown is None:  # a fixed default: stated as it is, and taken as it is
             assert parser[name].help.endswith(f"(default: {_default_text(spec.default)})"), name
-            assert getattr(cfg, name) == spec.default, name
+            assert getattr(getattr(cfg, spec.section), spec.attr) == spec.default, name
     # Worked out at start, as the help says in words.
-    assert (cfg.seq_len, cfg.min_lr, cfg.mixed_precision, cfg.log_dir) == (256, cfg.lr / 10, "fp32",
-                                                                          "checkpoints/tensorboard")
+    assert (cfg.data.seq_len, cfg.optim.min_lr, cfg.optim.mixed_precision, cfg.run.log_dir) == (
+        256, cfg.optim.lr / 10, "fp32", "checkpoints/tensorboard")
     model = ModelConfig()
-    assert all(getattr(cfg, name) == getattr(model, name) for name in MOE_FIELDS)  # MoE defaults are the model's
+    model_flags = [spec for spec in settings().values() if spec.model_field]
+    assert {spec.name for spec in model_flags} >= {"dropout", "use_moe", "num_experts", "top_k", "ep_size"}
+    assert all(getattr(cfg.model, spec.attr) == getattr(model, spec.attr) for spec in model_flags)  # the model's defaults
 
 
 def test_a_json_scheduler_that_contradicts_max_steps_stops_train_py(tmp_path):

@@ -140,7 +140,7 @@ def test_a_checkpoint_of_an_unknown_format_version_is_refused(tmp_path):
     (["--mixed_precision", "fp16"], "fp16 needs a GPU"),
     (["--deepspeed_config", "nope.json"], "DeepSpeed config nope.json does not exist"),
     (["--deepspeed_config", "BAD_JSON"], "is not valid JSON"),
-    (["--deepspeed_config", "ds_configs/zero2.json", "--batch_size", "0"], "batch_size must be a positive integer"),
+    (["--deepspeed_config", "ds_configs/zero2.json", "--batch_size", "0"], "--batch_size must be >= 1 (got 0)"),
     (["--data", "missing.txt"], "missing.txt"),
     (["--resume", "nowhere/"], "--resume nowhere/: no such folder"),
     (["--ema_decay", "1.5"], "--ema_decay must be in [0, 1)"),

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from marjara.errors import MarjaraError
+from marjara.rules import Rule, above, at_least, fraction, one_of
 
 # GQA defaults: tiny/small/medium share each K/V head between 2 query heads, large between 3.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -27,37 +28,62 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULT_VOCAB_SIZE = 50304
 
 
+def knob(default: Any, help: str = "", *, rule: Rule | None = None, architectural: bool = True, flag: bool = False,
+         moe: bool = False, plan: bool = False, **field_args: Any):
+    """A ModelConfig field, declared once with what the rest of MARJARA derives from it:
+    `rule`: its valid values (validate() checks them; train.py checks its flag with the same rule);
+    `architectural`: it defines the weights, so a resumed or initialised run must match it;
+    `flag`: a training run sets it, as a train.py flag with this `help` and the field's default;
+    `moe`: it matters only with use_moe (checked and applied only then);
+    `plan`: `python -m marjara.plan`'s memory and time estimate depends on it."""
+    return field(default=default, metadata={"help": help, "rule": rule, "architectural": architectural, "flag": flag,
+                                            "moe": moe, "plan": plan}, **field_args)
+
+
+POSITIVE = above(0)
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int = DEFAULT_VOCAB_SIZE
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    # SwiGLU hidden size; 0 means 8/3 * d_model rounded up to a multiple of ffn_multiple_of.
-    ffn_hidden_size: int = 0
-    ffn_multiple_of: int = 64
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    qk_norm: bool = True
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-    init_std: float = 0.02
-    # Mixture of experts (deepspeed.moe.layer.MoE); layer i is MoE when i % moe_layer_freq equals
-    # moe_layer_freq - 1, so the default 2 makes every other layer (1, 3, ...) an MoE layer.
-    use_moe: bool = False
-    num_experts: int = 4
-    top_k: int = 1
-    capacity_factor: float = 1.0
-    eval_capacity_factor: float = 1.0
-    min_capacity: int = 4
-    drop_tokens: bool = True
-    use_residual: bool = False
-    moe_layer_freq: int = 2
-    ep_size: int = 1
-    aux_loss_coef: float = 0.01
-    preset: str = field(default="custom", compare=False)
+    vocab_size: int = knob(DEFAULT_VOCAB_SIZE, "tokens in the vocabulary", rule=POSITIVE)
+    d_model: int = knob(128, "width of the residual stream", rule=POSITIVE)
+    n_layers: int = knob(4, "transformer blocks", rule=POSITIVE)
+    n_heads: int = knob(4, "query heads", rule=POSITIVE)
+    n_kv_heads: int = knob(2, "key/value heads (grouped-query attention)", rule=POSITIVE)
+    ffn_hidden_size: int = knob(0, "SwiGLU hidden size; 0: 8/3 x d_model rounded up to a multiple of ffn_multiple_of",
+                                rule=POSITIVE)
+    ffn_multiple_of: int = knob(64, "what an ffn_hidden_size worked out from d_model is rounded up to")
+    max_seq_len: int = knob(256, "longest sequence the RoPE tables cover", rule=POSITIVE, architectural=False)
+    rope_theta: float = knob(10000.0, "RoPE base frequency (larger: slower-turning positions, for longer contexts)",
+                             rule=POSITIVE, flag=True)
+    norm_eps: float = knob(1e-6, "RMSNorm epsilon", rule=POSITIVE)
+    qk_norm: bool = knob(True, "RMSNorm of each head's queries and keys before RoPE")
+    tie_embeddings: bool = knob(True, "the output matrix is the token embedding")
+    dropout: float = knob(0.0, "dropout probability in attention and the MLP", rule=fraction(), architectural=False,
+                          flag=True)
+    init_std: float = knob(0.02, "standard deviation of the initial weights", rule=POSITIVE, architectural=False)
+    # Mixture of experts (deepspeed.moe.layer.MoE).
+    use_moe: bool = knob(False, "mixture-of-experts FFN on every other layer", flag=True, plan=True)
+    num_experts: int = knob(4, "experts per MoE layer", rule=POSITIVE, flag=True, moe=True, plan=True)
+    top_k: int = knob(1, "experts each token is routed to",
+                      rule=one_of((1, 2), "1 or 2", hint="DeepSpeed's MoE gate supports no other"),
+                      flag=True, moe=True, plan=True)
+    capacity_factor: float = knob(1.0, "expert capacity in training, as a multiple of the tokens per expert under "
+                                  "perfect balance", rule=POSITIVE, architectural=False, flag=True, moe=True, plan=True)
+    eval_capacity_factor: float = knob(1.0, "expert capacity in validation with --moe_eval_routing training",
+                                       rule=POSITIVE, architectural=False, flag=True, moe=True)
+    min_capacity: int = knob(4, "the least tokens an expert accepts per batch", rule=at_least(0), architectural=False,
+                             flag=True, moe=True, plan=True)
+    drop_tokens: bool = knob(True, "tokens beyond an expert's capacity are dropped", architectural=False, moe=True)
+    use_residual: bool = knob(False, "PR-MoE: a dense MLP beside the experts", flag=True, moe=True, plan=True)
+    # Layer i is MoE when i % moe_layer_freq == moe_layer_freq - 1: the default 2 makes layers 1, 3, ... MoE.
+    moe_layer_freq: int = knob(2, "every Nth layer is MoE (the last of each N)", rule=POSITIVE, flag=True, moe=True,
+                               plan=True)
+    ep_size: int = knob(1, "expert-parallel ranks (must divide the world size)", rule=POSITIVE, architectural=False,
+                        flag=True, moe=True, plan=True)
+    aux_loss_coef: float = knob(0.01, "weight of the MoE load-balancing loss", rule=at_least(0), architectural=False,
+                                flag=True, moe=True)
+    preset: str = knob("custom", "the preset it was built from", architectural=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.ffn_hidden_size == 0 and self.ffn_multiple_of > 0:
@@ -104,11 +130,11 @@ class ModelConfig:
 
     def differences(self, other: "ModelConfig") -> list[str]:
         """Human-readable `field: mine != theirs` lines for the fields that define the weights."""
-        mine, theirs = self.to_dict(), other.to_dict()
+        mine, theirs, architectural = self.to_dict(), other.to_dict(), set(architectural_fields())
         return [
             f"{key}: {mine[key]!r} != {theirs[key]!r}"
             for key in sorted(mine)
-            if key not in _NON_ARCHITECTURAL and mine[key] != theirs[key]
+            if key in architectural and mine[key] != theirs[key]
         ]
 
     # ---- derived ------------------------------------------------------------------------
@@ -125,36 +151,24 @@ class ModelConfig:
 
     # ---- validation ---------------------------------------------------------------------
     def validate(self) -> None:
-        problems: list[str] = []
-
-        def positive(*names: str) -> None:
-            for name in names:
-                if getattr(self, name) <= 0:
-                    problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
-
-        positive("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden_size",
-                 "max_seq_len", "rope_theta", "norm_eps", "init_std")
-        if self.n_heads > 0 and self.d_model % self.n_heads:
+        checked = [spec for spec in dataclasses.fields(self)
+                   if spec.metadata["rule"] is not None and (self.use_moe or not spec.metadata["moe"])]
+        failed = {spec.name for spec in checked if not spec.metadata["rule"].holds(getattr(self, spec.name))}
+        problems = [spec.metadata["rule"].problem(spec.name, getattr(self, spec.name))
+                    for spec in checked if spec.name in failed]
+        # The rules between fields, where each field alone is valid.
+        if not failed & {"d_model", "n_heads"} and self.d_model % self.n_heads:
             problems.append(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        elif self.n_heads > 0 and self.head_dim % 2:
+        elif not failed & {"d_model", "n_heads"} and self.head_dim % 2:
             problems.append(f"head_dim = d_model / n_heads ({self.head_dim}) must be even for RoPE")
-        if self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
+        if not failed & {"n_heads", "n_kv_heads"} and self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1) (got {self.dropout})")
         if self.use_moe:
-            positive("num_experts", "ep_size", "moe_layer_freq", "capacity_factor", "eval_capacity_factor")
-            if self.top_k not in (1, 2):
-                problems.append(f"top_k must be 1 or 2 (got {self.top_k}); DeepSpeed's MoE gate supports no other")
-            elif self.top_k > self.num_experts:
+            if not failed & {"top_k", "num_experts"} and self.top_k > self.num_experts:
                 problems.append(f"top_k ({self.top_k}) must not exceed num_experts ({self.num_experts})")
-            if self.ep_size > 0 and self.num_experts > 0 and self.num_experts % self.ep_size:
+            if not failed & {"ep_size", "num_experts"} and self.num_experts % self.ep_size:
                 problems.append(f"num_experts ({self.num_experts}) must be divisible by ep_size ({self.ep_size})")
-            if self.min_capacity < 0:
-                problems.append(f"min_capacity must be >= 0 (got {self.min_capacity})")
-            if self.aux_loss_coef < 0:
-                problems.append(f"aux_loss_coef must be >= 0 (got {self.aux_loss_coef})")
-            if self.moe_layer_freq > 0 and not self.moe_layers:
+            if not failed & {"moe_layer_freq", "n_layers"} and not self.moe_layers:
                 problems.append(
                     f"moe_layer_freq ({self.moe_layer_freq}) exceeds n_layers ({self.n_layers}): no layer would be MoE"
                 )
@@ -162,7 +176,7 @@ class ModelConfig:
             raise MarjaraError("invalid model config: " + "; ".join(problems))
 
 
-# Fields that do not change the shape or meaning of the weights (a checkpoint may be resumed or
-# loaded with other values).
-_NON_ARCHITECTURAL = {"preset", "dropout", "capacity_factor", "eval_capacity_factor", "min_capacity",
-                      "drop_tokens", "ep_size", "aux_loss_coef", "max_seq_len", "init_std"}
+def architectural_fields() -> list[str]:
+    """The fields that define the weights: a checkpoint resumes, or a folder initialises a run, only
+    where these agree."""
+    return [spec.name for spec in dataclasses.fields(ModelConfig) if spec.metadata["architectural"]]

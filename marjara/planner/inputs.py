@@ -13,11 +13,11 @@ from marjara.planner.devices import DEVICES, lookup
 from marjara.planner.recommend import Target
 from marjara.planner.setup import Setup, zero_settings
 from marjara.train.config import TrainConfig
+from marjara.train.settings import planned_flags
 
-# train.py flags that change the plan; the others are accepted (and ignored) but not listed in --help.
-PLANNED_FLAGS = {"model_size", "use_moe", "num_experts", "top_k", "ep_size", "capacity_factor", "min_capacity",
-                 "moe_layer_freq", "use_residual", "seq_len", "batch_size", "grad_accum", "mixed_precision",
-                 "grad_checkpointing", "zero_stage", "deepspeed_config", "peak_tflops", "help"}
+# train.py flags that change the plan (declared so in marjara/train/settings.py and ModelConfig);
+# the others are accepted (and ignored) but not listed in --help.
+PLANNED_FLAGS = planned_flags() | {"deepspeed_config", "help"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +85,7 @@ def _zero_choice(args, cfg: TrainConfig, stage_given: bool, stage_in_json: bool)
     for flag, value in (("offload_optimizer", json_opt), ("offload_param", json_param)):
         if stage_in_json and getattr(args, flag) and not value:
             raise MarjaraError(f"--{flag} contradicts {source}, which has no {flag} block; drop one of them")
-    stage = cfg.zero_stage if stage_given or stage_in_json else None
+    stage = cfg.optim.zero_stage if stage_given or stage_in_json else None
     offload_opt, offload_param = json_opt or args.offload_optimizer, json_param or args.offload_param
     if offload_param and stage != 3:
         raise MarjaraError("--offload_param needs ZeRO stage 3 (DeepSpeed offloads parameters only there); add --zero_stage 3")
@@ -108,8 +108,8 @@ def setup_from_args(args) -> tuple[Setup, Target, tuple[int, bool, bool] | None]
     # as for a dense model: MoE under ZeRO-3, which train.py refuses, is a row of the table instead
     # (recommend.evaluate says why), so that the other variants are still compared.
     cfg = config_from_given({name: value for name, value in given.items() if name != "use_moe"}, has_gpu=True)
-    cfg = replace(cfg, use_moe=bool(given.get("use_moe")))
-    device = lookup(args.gpu).with_overrides(args.gpu_memory_gb, cfg.peak_tflops, args.intra_node_gbps,
+    cfg = replace(cfg, model=replace(cfg.model, use_moe=bool(given.get("use_moe"))))
+    device = lookup(args.gpu).with_overrides(args.gpu_memory_gb, cfg.run.peak_tflops, args.intra_node_gbps,
                                              args.inter_node_gbps)
     config = model_config(cfg, args.vocab_size)
     if config.use_moe and world % config.ep_size:
@@ -118,9 +118,9 @@ def setup_from_args(args) -> tuple[Setup, Target, tuple[int, bool, bool] | None]
     fixed_zero = _zero_choice(args, cfg, "zero_stage" in given, _json_sets(raw, "stage", "zero_optimization"))
     fixed_micro = "batch_size" in given or _json_sets(raw, "train_micro_batch_size_per_gpu")
     fixed_accum = "grad_accum" in given or _json_sets(raw, "gradient_accumulation_steps")
-    setup = Setup(config, cfg.seq_len, cfg.mixed_precision, fixed_zero[0] if fixed_zero else 0, False, False,
-                  cfg.grad_checkpointing, args.nodes, args.gpus_per_node, device,
+    setup = Setup(config, cfg.data.seq_len, cfg.optim.mixed_precision, fixed_zero[0] if fixed_zero else 0, False, False,
+                  cfg.optim.grad_checkpointing, args.nodes, args.gpus_per_node, device,
                   zero_settings(cfg.ds_json.get("zero_optimization", {})))
-    target = Target(cfg.batch_size if fixed_micro else None, cfg.grad_accum if fixed_accum else None,
+    target = Target(cfg.optim.batch_size if fixed_micro else None, cfg.optim.grad_accum if fixed_accum else None,
                     args.global_batch_tokens, args.mfu)
     return setup, target, fixed_zero

@@ -1,4 +1,5 @@
-"""train.py's command line, generated from TrainConfig: every flag with its help and real default.
+"""train.py's command line, generated from the settings' declaration (marjara/train/settings.py):
+every flag with its help, the DeepSpeed JSON keys it shares, and its real default.
 
 Flags default to argparse.SUPPRESS, so the parsed Namespace holds exactly the flags given; that is
 what tells a flag given explicitly from one left out when the DeepSpeed JSON holds the setting too.
@@ -10,10 +11,9 @@ import argparse
 from typing import Any
 
 from marjara.errors import MarjaraError
-from marjara.train.config import TrainConfig, flag_fields
+from marjara.train.config import TrainConfig
+from marjara.train.settings import SECTIONS, Setting, settings
 
-GROUPS = {"data": "data", "model": "model", "optimisation": "optimisation",
-          "run": "evaluation, logging, checkpoints"}
 # Flags of the launchers, not settings of the run.
 LAUNCHER_FLAGS = ("distributed", "local_rank", "deepspeed")
 
@@ -24,6 +24,12 @@ def _default_text(value: Any) -> str:
     if isinstance(value, tuple):
         return " ".join(map(str, value))
     return str(value)
+
+
+def help_text(spec: Setting) -> str:
+    """The declaration's help, the JSON keys it shares and the default, as --help prints them."""
+    shares = f" (= {', '.join(spec.json)})" if spec.json else ""
+    return f"{spec.help}{shares} (default: {spec.shown or _default_text(spec.default)})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,15 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
         "contradicts it stops the run.",
         allow_abbrev=False,
     )
-    groups = {name: p.add_argument_group(title) for name, title in GROUPS.items()}
-    for name, spec in flag_fields().items():
-        meta, kwargs = spec.metadata, dict(spec.metadata["flag"])
+    groups = {name: p.add_argument_group(title) for name, (_, title) in SECTIONS.items()}
+    for name, spec in settings().items():
+        kwargs = dict(spec.argparse)
         if spec.default is False:
             kwargs["action"] = "store_true"
         else:
             kwargs.setdefault("type", str if spec.default is None else type(spec.default))
-        kwargs["help"] = f"{meta['help']} (default: {meta['shown'] or _default_text(spec.default)})"
-        groups[meta["group"]].add_argument(f"--{name}", default=argparse.SUPPRESS, **kwargs)
+            if spec.rule is not None and spec.rule.allowed is not None:
+                kwargs["choices"] = list(spec.rule.allowed)
+        kwargs["help"] = help_text(spec)
+        groups[spec.section].add_argument(f"--{name}", default=argparse.SUPPRESS, **kwargs)
 
     launch = p.add_argument_group("launch")
     launch.add_argument("--distributed", action="store_true", default=argparse.SUPPRESS,

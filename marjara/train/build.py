@@ -11,10 +11,9 @@ from marjara.model.config import PRESETS, ModelConfig
 from marjara.train.config import TrainConfig
 from marjara.train.engine import initialize_engine
 from marjara.train.optim import build_adamw, parameter_groups, warmup_cosine
+from marjara.train.settings import model_overrides
 
 VOCAB_MULTIPLE = 64
-MOE_FIELDS = ("num_experts", "top_k", "ep_size", "capacity_factor", "eval_capacity_factor", "min_capacity",
-              "moe_layer_freq", "use_residual", "aux_loss_coef")
 
 
 def quiet_libraries(this_rank: int) -> None:
@@ -26,11 +25,10 @@ def quiet_libraries(this_rank: int) -> None:
 
 def model_config(cfg: TrainConfig, data_vocab: int) -> ModelConfig:
     """The preset with the data's vocabulary (padded for faster matmuls) and the run's model flags."""
-    overrides = dict(vocab_size=-(-data_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE, dropout=cfg.dropout,
-                     max_seq_len=max(cfg.seq_len, PRESETS[cfg.model_size]["max_seq_len"]))
-    if cfg.use_moe:
-        overrides.update(use_moe=True, **{name: getattr(cfg, name) for name in MOE_FIELDS})
-    return ModelConfig.from_preset(cfg.model_size, **overrides)
+    overrides = dict(vocab_size=-(-data_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE,
+                     max_seq_len=max(cfg.data.seq_len, PRESETS[cfg.model.model_size]["max_seq_len"]),
+                     **model_overrides(cfg.model))
+    return ModelConfig.from_preset(cfg.model.model_size, **overrides)
 
 
 def build_model(config: ModelConfig, grad_checkpointing: bool, ds_config: dict) -> MarjaraModel:
@@ -55,13 +53,13 @@ def build_model(config: ModelConfig, grad_checkpointing: bool, ds_config: dict) 
 def build_engine(model: MarjaraModel, cfg: TrainConfig, ds_config: dict):
     """The DeepSpeed engine around the model -> (engine, each parameter group's hyper-parameters).
     Without an optimizer / scheduler in the JSON, MARJARA's AdamW and warmup + cosine are used."""
-    groups = parameter_groups(model, cfg.weight_decay)
+    groups = parameter_groups(model, cfg.optim.weight_decay)
     # ZeRO-0 in fp32 is the one case where DeepSpeed runs the client optimizer without checking the
     # gradient norm itself (see marjara/train/nonfinite.py).
-    skip = cfg.zero_stage == 0 and cfg.mixed_precision == "fp32"
+    skip = cfg.optim.zero_stage == 0 and cfg.optim.mixed_precision == "fp32"
     optimizer = None if cfg.optimizer_in_json else build_adamw(groups, cfg, skip_non_finite=skip)
     def cosine(opt):
-        return warmup_cosine(opt, cfg.warmup_steps, cfg.max_steps, cfg.min_lr / cfg.lr)
+        return warmup_cosine(opt, cfg.optim.warmup_steps, cfg.optim.max_steps, cfg.optim.min_lr / cfg.optim.lr)
 
     scheduler = None if cfg.scheduler_in_json else cosine
     engine = initialize_engine(model=model, optimizer=optimizer, lr_scheduler=scheduler,

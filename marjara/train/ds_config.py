@@ -18,18 +18,15 @@ from typing import Any
 
 from marjara.errors import MarjaraError
 from marjara.train.ds_validate import check_top_level, check_with_deepspeed
+from marjara.train.settings import settings
 
 AUTO = "auto"
 
-# Top-level keys, always written: (TrainConfig field, JSON key).
-TOP_LEVEL = (("batch_size", "train_micro_batch_size_per_gpu"), ("grad_accum", "gradient_accumulation_steps"),
-             ("grad_clip", "gradient_clipping"))
-# The optimizer block's parameters: lr is always written; the others when missing too for ADAM_TYPES,
-# since DeepSpeed's own defaults (weight decay 0.01, betas 0.9/0.999) would differ from the run's silently.
-OPTIMIZER = (("lr", "lr"), ("weight_decay", "weight_decay"), ("adam_betas", "betas"), ("adam_eps", "eps"))
+# Which settings the JSON holds where comes from the declaration (marjara/train/settings.py). A
+# missing key is written (as if "auto") at the top level and in zero_optimization; in the optimizer
+# block, lr always and the others for ADAM_TYPES, since DeepSpeed's own defaults (weight decay 0.01,
+# betas 0.9/0.999) would differ from the run's silently; in the scheduler block, the keys its type takes.
 ADAM_TYPES = {"adam", "adamw"}
-# The scheduler block's parameters, written when missing for the schedulers that take them.
-SCHEDULER = (("max_steps", "total_num_steps"), ("warmup_steps", "warmup_num_steps"), ("lr", "warmup_max_lr"))
 SCHEDULER_TAKES = {
     "WarmupLR": {"warmup_num_steps", "warmup_max_lr", "warmup_min_lr"},
     "WarmupDecayLR": {"total_num_steps", "warmup_num_steps", "warmup_max_lr", "warmup_min_lr"},
@@ -88,35 +85,27 @@ class _Merge:
                 value = self.values[name]
                 block[key] = list(value) if isinstance(value, tuple) else value
 
-    def require(self, name: str, ok: bool, what: str) -> None:
-        if not ok:
-            raise MarjaraError(f"{name} must be {what} (got {self.values[name]!r} from {self.source} or the command line)")
-
 
 def merge_json(values: dict, given: set[str], has_gpu: bool) -> dict:
     """Apply the rule between `values` (TrainConfig's, flags given by name in `given`) and the JSON
     `values["deepspeed_config"]` names: updates `values` in place and returns the merged JSON."""
     source = values["deepspeed_config"] or "the built-in DeepSpeed config"
     config = copy.deepcopy(load_json_config(values["deepspeed_config"]))
-    merge = _Merge(values, given, source)
-
-    for name, key in TOP_LEVEL:
-        merge.link(name, [(config, key, True)])
-    for name in ("batch_size", "grad_accum"):
-        value = values[name]
-        merge.require(name, isinstance(value, int) and not isinstance(value, bool) and value >= 1, "a positive integer")
-    merge.require("grad_clip", isinstance(values["grad_clip"], (int, float)) and values["grad_clip"] >= 0, ">= 0")
+    merge, blocks = _Merge(values, given, source), _Blocks(config)
+    # Every value merged here was checked by its setting's rule already: a flag given in
+    # TrainConfig.from_flags, a JSON value where the file was read (check_top_level).
+    for spec in settings().values():
+        if spec.json:
+            merge.link(spec.name, [slot for path in spec.json if (slot := blocks.slot(path)) is not None])
 
     values["mixed_precision"] = _resolve_precision(config, values["mixed_precision"], has_gpu, source)
-    merge.link("zero_stage", [(config.setdefault("zero_optimization", {}), "stage", True)])
-    if values["zero_stage"] not in (0, 1, 2, 3):
-        raise MarjaraError(f"zero_optimization.stage in {source} must be 0, 1, 2 or 3 (got {values['zero_stage']!r})")
     if values["use_moe"] and values["zero_stage"] == 3:
         raise MarjaraError(
             f"--use_moe cannot run with ZeRO stage 3 ({source}): DeepSpeed's MoE layers support ZeRO 0-2; "
             "use ds_configs/zero2.json")
 
-    _merge_optimizer_and_scheduler(config, merge)
+    _min_lr(blocks.params("scheduler"), blocks.scheduler_takes, merge)
+    _no_auto_left(config, source)
     check_with_deepspeed(config, source)  # every "auto" is filled by now
     values["log_dir"] = _resolve_log_dir(config.pop("tensorboard", None), values, source)
     config.setdefault("steps_per_print", 10**9)  # MARJARA prints its own progress
@@ -124,33 +113,38 @@ def merge_json(values: dict, given: set[str], has_gpu: bool) -> dict:
     return config
 
 
-def _merge_optimizer_and_scheduler(config: dict, merge: _Merge) -> None:
+class _Blocks:
+    """The JSON's places a setting can live in, and whether a missing key there is written."""
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+        optimizer, scheduler = config.get("optimizer"), config.get("scheduler")
+        self.adam = isinstance(optimizer, dict) and str(optimizer.get("type", "")).lower() in ADAM_TYPES
+        self.scheduler_takes = SCHEDULER_TAKES.get(scheduler.get("type"), set()) if isinstance(scheduler, dict) else set()
+
+    def params(self, block: str) -> dict | None:
+        """The optimizer's or scheduler's params (created empty), None without that block."""
+        holder = self.config.get(block)
+        return holder.setdefault("params", {}) if isinstance(holder, dict) else None
+
+    def slot(self, path: str) -> tuple[dict, str, bool] | None:
+        """(block, key, written when missing) of a dotted JSON path; None where the block is absent."""
+        *outer, key = path.split(".")
+        if outer in (["optimizer", "params"], ["scheduler", "params"]):
+            block = self.params(outer[0])
+            if block is None:
+                return None
+            return block, key, key == "lr" or self.adam if outer[0] == "optimizer" else key in self.scheduler_takes
+        block = self.config
+        for part in outer:
+            block = block.setdefault(part, {})
+        return block, key, True
+
+
+def _min_lr(sched_params: dict | None, takes: set[str], merge: _Merge) -> None:
+    """min_lr is lr x the scheduler's cos_min_ratio: resolved after lr, by the same rule."""
     values, source = merge.values, merge.source
-    optimizer = config.get("optimizer")
-    opt_params = optimizer.setdefault("params", {}) if isinstance(optimizer, dict) else None
-    scheduler = config.get("scheduler")
-    sched_params = scheduler.setdefault("params", {}) if isinstance(scheduler, dict) else None
-    takes = SCHEDULER_TAKES.get(scheduler.get("type"), set()) if sched_params is not None else set()
-    adam = opt_params is not None and str(optimizer.get("type", "")).lower() in ADAM_TYPES
-
-    def slots(block, name_key_pairs, name, missing):
-        return [(block, key, missing(key)) for n, key in name_key_pairs if n == name] if block is not None else []
-
-    for name in ("lr", "weight_decay", "adam_betas", "adam_eps", "max_steps", "warmup_steps"):
-        merge.link(name, slots(opt_params, OPTIMIZER, name, lambda key: key == "lr" or adam)
-                   + slots(sched_params, SCHEDULER, name, lambda key: key in takes))
     lr = values["lr"]
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
-        raise MarjaraError(f"the learning rate must be > 0 (got {lr!r} from {source} or --lr)")
-    merge.require("weight_decay", isinstance(values["weight_decay"], (int, float)) and values["weight_decay"] >= 0, ">= 0")
-    betas = values["adam_betas"]
-    merge.require("adam_betas", isinstance(betas, tuple) and len(betas) == 2
-                  and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas), "two numbers in [0, 1)")
-    merge.require("adam_eps", isinstance(values["adam_eps"], (int, float)) and values["adam_eps"] > 0, "> 0")
-    merge.require("max_steps", isinstance(values["max_steps"], int) and values["max_steps"] >= 1, "an integer >= 1")
-    merge.require("warmup_steps", isinstance(values["warmup_steps"], int) and values["warmup_steps"] >= 0,
-                  "an integer >= 0")
-
     ratio = sched_params.get("cos_min_ratio", AUTO) if sched_params is not None else AUTO
     if ratio != AUTO:
         if not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
@@ -169,8 +163,11 @@ def _merge_optimizer_and_scheduler(config: dict, merge: _Merge) -> None:
         for key, value in derived.items():
             if sched_params.get(key, AUTO if key in takes else None) == AUTO:
                 sched_params[key] = value
-    for what, block in (("optimizer", opt_params), ("scheduler", sched_params)):
-        for key, value in (block or {}).items():
+
+
+def _no_auto_left(config: dict, source: str) -> None:
+    for what in ("optimizer", "scheduler"):
+        for key, value in (config.get(what) or {}).get("params", {}).items():
             if value == AUTO:
                 raise MarjaraError(f"{source}: {what} parameter \"{key}\" is \"auto\" but no flag fills it; set a value")
 
@@ -214,10 +211,11 @@ def with_train_batch_size(ds_json: dict, cfg, world_size: int) -> dict:
     """A copy of the merged JSON whose train_batch_size is micro-batch x accumulation x ranks."""
     config = copy.deepcopy(ds_json)
     source = cfg.deepspeed_config or "the built-in DeepSpeed config"
-    global_batch = cfg.batch_size * cfg.grad_accum * world_size
+    batch_size, grad_accum = cfg.optim.batch_size, cfg.optim.grad_accum
+    global_batch = batch_size * grad_accum * world_size
     if config.get("train_batch_size", AUTO) not in (AUTO, global_batch):
         raise MarjaraError(
-            f"\"train_batch_size\": {config['train_batch_size']} in {source} != micro-batch {cfg.batch_size} x "
-            f"grad_accum {cfg.grad_accum} x {world_size} ranks = {global_batch}; set it to \"auto\" or make them agree")
+            f"\"train_batch_size\": {config['train_batch_size']} in {source} != micro-batch {batch_size} x "
+            f"grad_accum {grad_accum} x {world_size} ranks = {global_batch}; set it to \"auto\" or make them agree")
     config["train_batch_size"] = global_batch
     return config

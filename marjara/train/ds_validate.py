@@ -6,8 +6,9 @@ reads scalars such as `gradient_clipping` unchecked, so `"gradient_clipping": "a
 the first optimizer step. Here:
 
 - `check_top_level` (when the file is read): every top-level key must be one DeepSpeed reads (the
-  nearest known key is suggested), and the scalars MARJARA or DeepSpeed use must have their type
-  and range (`"auto"` allowed where a flag fills it);
+  nearest known key is suggested), and the values MARJARA or DeepSpeed use must have their type
+  and range: a key a MARJARA setting holds (`gradient_clipping`, `optimizer.params.lr`, ...) by
+  that setting's own rule, the same one its flag is checked by (`"auto"` allowed: the flag fills it);
 - `check_with_deepspeed` (once `"auto"` values are filled): the config goes through DeepSpeed's own
   `DeepSpeedConfig`, and its validation errors become one line.
 """
@@ -16,37 +17,28 @@ from __future__ import annotations
 
 import copy
 import difflib
-import numbers
 
 from marjara.compat.deepspeed import config_keys_read, config_model_fields
 from marjara.errors import MarjaraError
+from marjara.rules import above, at_least, true_or_false
+from marjara.train.settings import json_rules
 
 AUTO = "auto"
 # Read by DeepSpeed's engine outside DeepSpeedConfig (Ulysses sequence parallelism's mesh).
 _ENGINE_KEYS = {"sequence_parallel_size", "data_parallel_size"}
 
 
-def _number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _integer(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-# key: (test, what it must be, "auto" allowed because a flag fills it)
+# DeepSpeed's scalars that no MARJARA setting holds (those that one does are checked by its rule,
+# from marjara/train/settings.py): key -> (rule, "auto" allowed because MARJARA fills it).
 _SCALARS = {
-    "train_micro_batch_size_per_gpu": (lambda v: _integer(v) and v >= 1, "an integer >= 1", True),
-    "gradient_accumulation_steps": (lambda v: _integer(v) and v >= 1, "an integer >= 1", True),
-    "train_batch_size": (lambda v: _integer(v) and v >= 1, "an integer >= 1", True),
-    "gradient_clipping": (lambda v: _number(v) and v >= 0, "a number >= 0 (0 disables clipping)", True),
-    "steps_per_print": (lambda v: _integer(v) and v >= 1, "an integer >= 1", False),
-    "gradient_predivide_factor": (lambda v: _number(v) and v > 0, "a number > 0", False),
-    "prescale_gradients": (lambda v: isinstance(v, bool), "true or false", False),
-    "wall_clock_breakdown": (lambda v: isinstance(v, bool), "true or false", False),
-    "memory_breakdown": (lambda v: isinstance(v, bool), "true or false", False),
-    "zero_allow_untested_optimizer": (lambda v: isinstance(v, bool), "true or false", False),
-    "sparse_gradients": (lambda v: isinstance(v, bool), "true or false", False),
+    "train_batch_size": (at_least(1, integer=True), True),
+    "steps_per_print": (at_least(1, integer=True), False),
+    "gradient_predivide_factor": (above(0), False),
+    "prescale_gradients": (true_or_false(), False),
+    "wall_clock_breakdown": (true_or_false(), False),
+    "memory_breakdown": (true_or_false(), False),
+    "zero_allow_untested_optimizer": (true_or_false(), False),
+    "sparse_gradients": (true_or_false(), False),
 }
 _BLOCKS = ("zero_optimization", "bf16", "fp16", "optimizer", "scheduler", "activation_checkpointing",
            "tensorboard", "checkpoint", "flops_profiler", "comms_logger", "wandb", "csv_monitor", "data_types")
@@ -70,10 +62,6 @@ def check_top_level(config: dict, source: str) -> None:
         if key not in known:
             raise MarjaraError(f"{source}: unknown top-level key {key!r}{_nearest(key, known)} "
                                "(DeepSpeed would ignore it silently)")
-    for key, (valid, what, auto_ok) in _SCALARS.items():
-        if key in config and not (valid(config[key]) or (auto_ok and config[key] == AUTO)):
-            allowed = f' or "{AUTO}"' if auto_ok else ""
-            raise MarjaraError(f"{source}: \"{key}\" must be {what}{allowed}, not {config[key]!r}")
     for key in _BLOCKS:
         if key in config and not isinstance(config[key], dict):
             raise MarjaraError(f"{source}: \"{key}\" must be a JSON object {{...}}, not {config[key]!r}")
@@ -85,6 +73,24 @@ def check_top_level(config: dict, source: str) -> None:
         enabled = config.get(key, {}).get("enabled", False)
         if not isinstance(enabled, bool) and enabled != AUTO:
             raise MarjaraError(f'{source}: "{key}.enabled" must be true, false or "{AUTO}", not {enabled!r}')
+    rules = {key: rule for key, (rule, _) in _SCALARS.items()} | json_rules()
+    for path, rule in rules.items():
+        found, value = _lookup(config, path)
+        auto_ok = _SCALARS.get(path, (None, True))[1]
+        if found and not (rule.holds(value) or (auto_ok and value == AUTO)):
+            allowed = f' (or "{AUTO}")' if auto_ok else ""
+            raise MarjaraError(f'{source}: "{path}" must be {rule.described}{allowed}, not {value!r}'
+                               + (f"; {rule.hint}" if rule.hint else ""))
+
+
+def _lookup(config: dict, path: str) -> tuple[bool, object]:
+    """(present, value) of a dotted path into the JSON."""
+    node: object = config
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
 
 
 def check_with_deepspeed(config: dict, source: str) -> None:

@@ -1,9 +1,10 @@
 """--init_from PATH: continued pre-training from an exported model, in MARJARA's format or a Hugging
 Face Qwen3 / Qwen3-MoE folder.
 
-The architecture comes from the folder: TrainConfig's model settings are set from it, and a flag
-given on the command line that contradicts it stops the run. Settings that only shape training
-(dropout, ep_size, capacity factors, aux_loss_coef, seq_len) apply as usual. The weights are
+The architecture comes from the folder: TrainConfig's architectural model settings (ModelConfig's
+fields marked so) are set from it, and a flag given on the command line that contradicts it stops
+the run. Settings that only shape training (dropout, ep_size, capacity factors, aux_loss_coef,
+seq_len) apply as usual. The weights are
 copied into the model before DeepSpeed wraps it, so every ZeRO stage partitions them as it would
 fresh ones; under expert parallelism each rank takes the experts of its expert-parallel rank.
 """
@@ -17,11 +18,8 @@ from torch import nn
 from marjara.errors import MarjaraError
 from marjara.model.config import PRESETS, ModelConfig
 from marjara.model.pretrained import ExportedFolder, load_weights, read_folder
+from marjara.train.settings import model_overrides, settings
 
-# TrainConfig settings that describe the architecture (besides model_size, which a folder replaces).
-ARCHITECTURE = ("use_moe", "num_experts", "top_k", "moe_layer_freq", "use_residual")
-# MoE settings of the run itself: how experts are placed and routed in training.
-TRAINING = ("ep_size", "capacity_factor", "eval_capacity_factor", "min_capacity", "aux_loss_coef")
 LONGEST_PRESET = max(preset["max_seq_len"] for preset in PRESETS.values())
 
 
@@ -33,7 +31,8 @@ def apply_init_from(values: dict[str, Any], given: set[str]) -> None:
     config, where = folder.config, f"--init_from {values['init_from']}"
     if "model_size" in given:
         raise MarjaraError(f"{where} gives the architecture; drop --model_size {values['model_size']}")
-    for name in ARCHITECTURE:
+    # The model settings that describe the architecture (besides model_size, which a folder replaces).
+    for name in (spec.name for spec in settings().values() if spec.architectural):
         if name in given and values[name] != getattr(config, name):
             shown = "" if isinstance(values[name], bool) else f" {values[name]}"
             raise MarjaraError(f"--{name}{shown} contradicts {where}, whose {name} is {getattr(config, name)}; "
@@ -46,9 +45,8 @@ def apply_init_from(values: dict[str, Any], given: set[str]) -> None:
 def init_model_config(folder: ExportedFolder, cfg) -> ModelConfig:
     """The folder's model with this run's training settings."""
     config = folder.config
-    changes: dict[str, Any] = {"dropout": cfg.dropout, "max_seq_len": max(cfg.seq_len, config.max_seq_len)}
-    if config.use_moe:
-        changes.update({name: getattr(cfg, name) for name in TRAINING})
+    changes: dict[str, Any] = {"max_seq_len": max(cfg.data.seq_len, config.max_seq_len),
+                               **model_overrides(cfg.model, architectural=False)}
     return config.replace(**changes)
 
 

@@ -44,12 +44,12 @@ class Learner:
         self.rank, self.world = rank(), world_size()
         quiet_libraries(self.rank)
         ds_config = cfg.engine_config(self.world)
-        resume = Resume(cfg.resume, cfg.zero_stage, self.world, self.rank) if cfg.resume else None
+        resume = Resume(cfg.checkpoint.resume, cfg.optim.zero_stage, self.world, self.rank) if cfg.checkpoint.resume else None
         self.resumed_from = resume.point if resume else None
 
-        init = read_folder(cfg.init_from) if cfg.init_from else None
-        tokenizer = init_from.data_tokenizer(init, cfg.data, cfg.tokenizer) if init else cfg.tokenizer
-        self.data = open_data(cfg.data, cfg.seq_len, tokenizer)
+        init = read_folder(cfg.model.init_from) if cfg.model.init_from else None
+        tokenizer = init_from.data_tokenizer(init, cfg.data.source, cfg.data.tokenizer) if init else cfg.data.tokenizer
+        self.data = open_data(cfg.data.source, cfg.data.seq_len, tokenizer)
         if init:
             init_from.check_data_tokenizer(init, self.data.tokenizer_name, self.data.description)
         self.config = init_from.init_model_config(init, cfg) if init else model_config(cfg, self.data.vocab_size)
@@ -57,40 +57,40 @@ class Learner:
         if resume:
             resume.check_compatible(self.config, self.data.tokenizer_name)
         # Every input is checked by now: a refused run has written nothing. One run per folder.
-        claim_agreed(cfg.out_dir, cfg.log_dir, self.resumed_from, cfg.overwrite, self.rank, self.world)
-        self.report = Reporter(self.rank == 0, cfg.log_dir, Path(cfg.out_dir) / METRICS_FILE, cfg.max_steps,
+        claim_agreed(cfg.checkpoint.out_dir, cfg.run.log_dir, self.resumed_from, cfg.checkpoint.overwrite, self.rank, self.world)
+        self.report = Reporter(self.rank == 0, cfg.run.log_dir, Path(cfg.checkpoint.out_dir) / METRICS_FILE, cfg.optim.max_steps,
                                resume.step if resume else 0, resumed=resume is not None)
 
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = build_model(self.config, cfg.grad_checkpointing, ds_config)
+        torch.manual_seed(cfg.optim.seed)  # identical initial weights on every rank
+        model = build_model(self.config, cfg.optim.grad_checkpointing, ds_config)
         if self.config.use_moe:
             # Distinct per expert-parallel rank, the same per replica.
-            init_experts(model, cfg.seed, bool(ds_config.get("use_data_before_expert_parallelism", False)))
+            init_experts(model, cfg.optim.seed, bool(ds_config.get("use_data_before_expert_parallelism", False)))
         if init and not resume:  # a resumed run has trained weights of its own
             init_from.load_init_weights(model, init, ds_config)
             self.report.print(f"initialised from {init.describe()}")
         self.engine, group_hparams = build_engine(model, cfg, resume.engine_config(ds_config) if resume else ds_config)
         self.model = self.engine.module
         self.loss_unscaled = engine_leaves_loss_unscaled(self.engine)  # ZeRO-0 fp16: see compat
-        self.ema = WeightEMA(self.model, cfg.ema_decay, cfg.zero_stage) if cfg.ema_decay > 0 else None
+        self.ema = WeightEMA(self.model, cfg.optim.ema_decay, cfg.optim.zero_stage) if cfg.optim.ema_decay > 0 else None
         self.step, samples_consumed = resume.load(self.engine, self.ema, group_hparams, self.report) if resume else (0, 0)
-        if cfg.skip_samples:
-            self.report.print(f"--skip_samples {cfg.skip_samples}: stepping over global samples {samples_consumed}.."
-                              f"{samples_consumed + cfg.skip_samples - 1}")
-            samples_consumed += cfg.skip_samples
-        self.guard = NonFiniteGuard(cfg.max_bad_steps, enabled=cfg.mixed_precision != "fp16")
-        self.batches = DeviceBatches(TrainStream(self.data.train, cfg.seed, cfg.batch_size, cfg.grad_accum,
+        if cfg.run.skip_samples:
+            self.report.print(f"--skip_samples {cfg.run.skip_samples}: stepping over global samples {samples_consumed}.."
+                              f"{samples_consumed + cfg.run.skip_samples - 1}")
+            samples_consumed += cfg.run.skip_samples
+        self.guard = NonFiniteGuard(cfg.run.max_bad_steps, enabled=cfg.optim.mixed_precision != "fp16")
+        self.batches = DeviceBatches(TrainStream(self.data.train, cfg.optim.seed, cfg.optim.batch_size, cfg.optim.grad_accum,
                                                  self.rank, self.world, samples_consumed), self.engine.device)
-        val_sets = ([(name, weight, validation_batches(dataset, cfg.batch_size, cfg.eval_batches, self.rank, self.world))
-                     for name, weight, dataset in self.data.validation_sets()] if cfg.eval_interval > 0 else [])
-        if cfg.compile:
+        val_sets = ([(name, weight, validation_batches(dataset, cfg.optim.batch_size, cfg.run.eval_batches, self.rank, self.world))
+                     for name, weight, dataset in self.data.validation_sets()] if cfg.run.eval_interval > 0 else [])
+        if cfg.optim.compile:
             compile_model(self.engine, self.config, self.report)
 
-        self.evaluator = Evaluator(self.engine, val_sets, self.ema, self.report, cfg.moe_eval_routing)
-        run_meta = {"seq_len": cfg.seq_len, "model_config": self.config.to_dict(), "tokenizer": self.data.tokenizer_name,
-                    "zero_stage": cfg.zero_stage, "world_size": self.world, "dtype": cfg.mixed_precision,
+        self.evaluator = Evaluator(self.engine, val_sets, self.ema, self.report, cfg.model.moe_eval_routing)
+        run_meta = {"seq_len": cfg.data.seq_len, "model_config": self.config.to_dict(), "tokenizer": self.data.tokenizer_name,
+                    "zero_stage": cfg.optim.zero_stage, "world_size": self.world, "dtype": cfg.optim.mixed_precision,
                     "train_args": cfg.plain_values()}
-        self.saver = Saver(self.engine, cfg.out_dir, cfg.keep_last, run_meta, self.ema, self.report,
+        self.saver = Saver(self.engine, cfg.checkpoint.out_dir, cfg.checkpoint.keep_last, run_meta, self.ema, self.report,
                            last_saved=self.step if resume else -1)
         self.meter: StepMeter | None = None
 
@@ -99,11 +99,11 @@ class Learner:
         cfg = self.cfg
         with StopRequests() as stop:
             self.meter = self._start()
-            while self.step < cfg.max_steps:
+            while self.step < cfg.optim.max_steps:
                 skipped_before, first_sample = skipped_steps(self.engine), self.batches.samples_consumed
                 self.train_step()
                 self.step += 1
-                last = self.step == cfg.max_steps
+                last = self.step == cfg.optim.max_steps
                 # The one host sync of the step: the stop signal and the non-finite flag, agreed together.
                 signum, loss_bad = stop.agreed_with(self.guard.take_loss_flag())
                 if self.guard.end_step(self.step, first_sample, skipped_steps(self.engine) > skipped_before, loss_bad):
@@ -113,17 +113,17 @@ class Learner:
                 if self.ema is not None:
                     self.ema.update()
                 self.report.advance()
-                self.meter.end_step(self.step, log=self.step % cfg.log_interval == 0 or last)
-                if cfg.eval_interval > 0 and (self.step % cfg.eval_interval == 0 or last):
+                self.meter.end_step(self.step, log=self.step % cfg.run.log_interval == 0 or last)
+                if cfg.run.eval_interval > 0 and (self.step % cfg.run.eval_interval == 0 or last):
                     self.evaluator.run(self.step)
                 # Not in the middle of a non-finite streak: `latest` keeps naming the last good step.
-                if cfg.save_interval > 0 and self.step % cfg.save_interval == 0 and not self.guard.in_a_row:
+                if cfg.checkpoint.save_interval > 0 and self.step % cfg.checkpoint.save_interval == 0 and not self.guard.in_a_row:
                     self.saver.save(self.step, self.batches.samples_consumed)
                 if signum:
                     return self._stop(signum)
             self.saver.save_unless_saved(self.step, self.batches.samples_consumed)
-            verify_replicas(self.model, self.world, cfg.zero_stage, self.report)
-            print_sample(self.model, self.data.tokenizer, self.config.max_seq_len, cfg.sample_tokens, cfg.seed,
+            verify_replicas(self.model, self.world, cfg.optim.zero_stage, self.report)
+            print_sample(self.model, self.data.tokenizer, self.config.max_seq_len, cfg.run.sample_tokens, cfg.optim.seed,
                          self.report)
             self.report.close()
             return 0
@@ -133,7 +133,7 @@ class Learner:
         Nothing here waits for the device: the next micro-batch is cut and copied while this one
         computes, and the loss is summed on the device."""
         engine = self.engine
-        for _ in range(self.cfg.grad_accum):
+        for _ in range(self.cfg.optim.grad_accum):
             x, y = self.batches.next()
             _, loss = engine(x, y)
             self.guard.observe_loss(loss)  # on the device: no synchronisation per micro-batch
@@ -142,26 +142,26 @@ class Learner:
             if engine.is_gradient_accumulation_boundary():
                 self.meter.before_optimizer_step()
             engine.step()
-            self.meter.add_micro_batch(loss, self.cfg.grad_accum)
+            self.meter.add_micro_batch(loss, self.cfg.optim.grad_accum)
 
     def _start(self) -> StepMeter:
         """Print the run's start line; returns the meter of its steps."""
         cfg = self.cfg
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.world * cfg.seq_len
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
-        peak, peak_source = device_peak_tflops(cfg.peak_tflops, dtype)
+        tokens_per_step = cfg.optim.batch_size * cfg.optim.grad_accum * self.world * cfg.data.seq_len
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.optim.mixed_precision, torch.float32)
+        peak, peak_source = device_peak_tflops(cfg.run.peak_tflops, dtype)
         self.report.print(
-            f"world_size={self.world} zero_stage={cfg.zero_stage} precision={cfg.mixed_precision} "
+            f"world_size={self.world} zero_stage={cfg.optim.zero_stage} precision={cfg.optim.mixed_precision} "
             f"model={self.config.preset} ({self.model.num_parameters() / 1e6:.2f}M params, "
             f"{self.model.num_active_parameters() / 1e6:.2f}M active) data={self.data.description} "
             f"tokenizer={self.data.tokenizer_name} global_batch={tokens_per_step} tokens "
             f"peak={peak:.2f} TFLOP/s ({peak_source})"
             + ("" if torch.cuda.is_available() else f" malloc={active_allocator()}"))
         if self.data.is_mixture:
-            samples = cfg.max_steps * cfg.batch_size * cfg.grad_accum * self.world
+            samples = cfg.optim.max_steps * cfg.optim.batch_size * cfg.optim.grad_accum * self.world
             self.report.print(f"mixture: {self.data.train.summary(samples)}")
         return StepMeter(self.engine, self.model, self.report, self.world, tokens_per_step,
-                         self.model.flops_per_token(cfg.seq_len), peak, cfg.mixed_precision, cfg.zero_stage)
+                         self.model.flops_per_token(cfg.data.seq_len), peak, cfg.optim.mixed_precision, cfg.optim.zero_stage)
 
     def _report_bad_step(self) -> None:
         g = self.guard
@@ -171,14 +171,14 @@ class Learner:
 
     def _stop_non_finite(self) -> int:
         if self.rank == 0:
-            line = stop_line(self.guard, self.step, self.batches.samples_consumed, self.cfg.out_dir, self.resumed_from)
+            line = stop_line(self.guard, self.step, self.batches.samples_consumed, self.cfg.checkpoint.out_dir, self.resumed_from)
             print(f"error: {line}", file=sys.stderr, flush=True)
         self.report.close()
         return EXIT_NON_FINITE
 
     def _stop(self, signum: int) -> int:
         self.saver.save_unless_saved(self.step, self.batches.samples_consumed)
-        self.report.print(f"{signal.Signals(signum).name}: saved checkpoint at step {self.step} in {self.cfg.out_dir}; "
-                          f"continue with --resume {self.cfg.out_dir}")
+        self.report.print(f"{signal.Signals(signum).name}: saved checkpoint at step {self.step} in {self.cfg.checkpoint.out_dir}; "
+                          f"continue with --resume {self.cfg.checkpoint.out_dir}")
         self.report.close()
         return 128 + signum

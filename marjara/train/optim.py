@@ -32,7 +32,8 @@ def build_adamw(groups: list[dict], cfg, skip_non_finite: bool = False) -> torch
     from marjara.train.nonfinite import GuardedAdamW
 
     kind = GuardedAdamW if skip_non_finite else torch.optim.AdamW
-    return kind(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=torch.cuda.is_available())
+    optim = cfg.optim
+    return kind(groups, lr=optim.lr, betas=optim.adam_betas, eps=optim.adam_eps, fused=torch.cuda.is_available())
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
