@@ -13,6 +13,7 @@ from marjara.model.cache import KVCache
 from marjara.model.config import ModelConfig
 from marjara.errors import MarjaraError
 from marjara.model.ffn import MoEFeedForward, SwiGLU
+from marjara.model.flops import training_flops_per_token
 from marjara.model.head import OutputHead
 from marjara.model.param_names import is_expert_param
 from marjara.model.pretrained import load_weights, read_folder, set_dtype
@@ -143,11 +144,8 @@ class MarjaraModel(nn.Module):
         return dense + active_expert + (embedding if include_embeddings else 0)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward), PaLM's convention: 6 x active matmul
-        parameters (the output projection included) + 12 x layers x d_model x seq_len for attention."""
-        c = self.config
-        matmul_params = self.num_active_parameters(include_embeddings=False) + c.vocab_size * c.d_model
-        return 6.0 * matmul_params + 12.0 * c.n_layers * c.d_model * seq_len
+        """Training FLOPs per token (forward + backward): marjara/model/flops.py's formula."""
+        return training_flops_per_token(self.config, self.num_active_parameters(include_embeddings=False), seq_len)
 
     # ---- generation ---------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: int, **sampling) -> list[list[int]]:
