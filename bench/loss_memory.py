@@ -37,7 +37,7 @@ def plain_loss(model: MarjaraModel, x: torch.Tensor, y: torch.Tensor) -> torch.T
 
 
 def chunked_loss(model: MarjaraModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return model(x, targets=y)[1]
+    return model(x, targets=y).loss
 
 
 def _cpu_peak_kib() -> int:

@@ -21,7 +21,7 @@ def test_deepspeed_activation_checkpointing_gives_the_same_loss_and_gradients(mo
         if checkpointing:
             model.checkpoint_fn = deepspeed.checkpointing.non_reentrant_checkpoint
         torch.manual_seed(1)  # same gate randomness in both runs
-        _, loss = model(idx, targets=idx)
+        loss = model(idx, targets=idx).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (loss_a, grads_a), (loss_b, grads_b) = results

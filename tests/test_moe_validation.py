@@ -30,7 +30,7 @@ def converted_model_loss(model, flags: list[str], world: int) -> float:
     for r in range(world):
         for x, y in validation_batches(data.val, batch_size, n_batches, r, world):
             with torch.no_grad():
-                logits, _ = model(x)
+                logits = model(x).logits
             total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum",
                                      ignore_index=-1).item()
             count += int((y != -1).sum())

@@ -28,7 +28,7 @@ def build(seed=0, **overrides) -> MarjaraModel:
 
 def logits_of(model, idx):
     with torch.no_grad():
-        return model(idx)[0]
+        return model(idx).logits
 
 
 @pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False}, MOE], ids=["tied", "untied", "moe"])

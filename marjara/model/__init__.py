@@ -5,6 +5,7 @@ group (DeepSpeed's MoE layers ask for one), which whoever runs it sets up.
 """
 
 from marjara.model.config import PRESETS, ModelConfig
+from marjara.model.output import ModelOutput
 from marjara.model.transformer import MarjaraModel
 
-__all__ = ["PRESETS", "MarjaraModel", "ModelConfig"]
+__all__ = ["PRESETS", "MarjaraModel", "ModelConfig", "ModelOutput"]

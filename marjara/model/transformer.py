@@ -15,6 +15,7 @@ from marjara.errors import MarjaraError
 from marjara.model.ffn import MoEFeedForward, SwiGLU
 from marjara.model.flops import training_flops_per_token
 from marjara.model.head import OutputHead
+from marjara.model.output import ModelOutput
 from marjara.model.param_names import is_expert_param
 from marjara.model.pretrained import load_weights, read_folder, set_dtype
 from marjara.model.rope import RotaryEmbedding
@@ -64,8 +65,6 @@ class MarjaraModel(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=self.init_std_for(name))
         # Set by a trainer: checkpoint_fn(function, *args) recomputes `function` in backward.
         self.checkpoint_fn: Callable | None = None
-        self.last_aux_loss: torch.Tensor | None = None
-        self.last_expert_counts: dict[int, torch.Tensor] = {}
 
     def init_std_for(self, name: str) -> float:
         """The initial standard deviation of matrix `name`. Residual-branch outputs are scaled by
@@ -81,9 +80,9 @@ class MarjaraModel(nn.Module):
                 nn.init.zeros_(module.bias)
 
     # ---- forward ------------------------------------------------------------------------
-    def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
-                      cache: KVCache | None = None) -> torch.Tensor:
-        """Final-norm hidden states (B, T, d_model); records the MoE aux loss and expert counts."""
+    def _blocks(self, idx: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, torch.Tensor]]:
+        """(final-norm hidden states (B, T, d_model), summed MoE aux loss or None, expert counts by layer)."""
         B, T = idx.shape
         if positions is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)
@@ -91,7 +90,7 @@ class MarjaraModel(nn.Module):
         if cache is not None:
             cache.begin_step(positions)
         x = self.emb_dropout(self.tok_emb(idx))
-        aux_losses, self.last_expert_counts = [], {}
+        aux_losses, expert_counts = [], {}
         for block in self.blocks:
             if self.checkpoint_fn is not None and self.training and cache is None:
                 x, aux_loss, counts = self.checkpoint_fn(block, x, rotary)
@@ -99,22 +98,27 @@ class MarjaraModel(nn.Module):
                 x, aux_loss, counts = block(x, rotary, cache)
             if block.is_moe:
                 aux_losses.append(aux_loss)
-                self.last_expert_counts[block.layer] = counts.detach()
-        self.last_aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
-        return self.norm(x)
+                expert_counts[block.layer] = counts.detach()
+        return self.norm(x), torch.stack(aux_losses).sum() if aux_losses else None, expert_counts
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx, targets: (B, T) token ids (targets -1 are ignored). Without targets: (logits, None).
-        With targets: (None, loss), loss = cross-entropy + aux_loss_coef x the summed MoE aux
-        losses; the cross-entropy runs over slices of the tokens (marjara/model/head.py), so the
-        whole micro-batch's logits never exist."""
-        hidden = self.hidden_states(idx)
+    def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d_model), for generation and scoring."""
+        return self._blocks(idx, positions, cache)[0]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+        """idx, targets: (B, T) token ids (targets -1 are ignored). Without targets the output holds
+        the logits; with targets, loss = cross-entropy + aux_loss_coef x the summed MoE aux losses,
+        where the cross-entropy runs over slices of the tokens (marjara/model/head.py), so the
+        whole micro-batch's logits never exist. See marjara/model/output.py."""
+        hidden, aux_loss, expert_counts = self._blocks(idx, None, None)
         if targets is None:
-            return self.lm_head(hidden), None
-        loss = self.lm_head(hidden, targets)
-        if self.last_aux_loss is not None:
-            loss = loss + self.config.aux_loss_coef * self.last_aux_loss
-        return None, loss
+            return ModelOutput(self.lm_head(hidden), None, aux_loss, expert_counts)
+        ce_sum, ce_tokens = self.lm_head(hidden, targets)
+        loss = ce_sum / ce_tokens
+        if aux_loss is not None:
+            loss = loss + self.config.aux_loss_coef * aux_loss
+        return ModelOutput(None, loss, aux_loss, expert_counts, ce_sum, ce_tokens)
 
     # ---- sizes --------------------------------------------------------------------------
     def _counts(self) -> tuple[int, int, int]:

@@ -45,7 +45,7 @@ class Evaluator:
         with moe_eval_routing(engine.module, self.moe_routing):
             for x, y in batches:
                 x, y = x.to(engine.device, non_blocking=True), y.to(engine.device, non_blocking=True)
-                logits, _ = engine(x)
+                logits = engine(x).logits
                 loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum",
                                        ignore_index=-1)
                 totals += torch.stack([loss.double(), (y != -1).sum().double()])
