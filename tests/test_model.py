@@ -250,4 +250,4 @@ def test_a_moe_model_without_a_process_group_says_who_sets_one_up():
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert "a MoE model needs DeepSpeed's process group and none is set up" in last, last
-    assert "marjara.distributed.ensure_process_group()" in last
+    assert "marjara.distributed.ensure_process_group()" in last and "MarjaraModel(config, inference=True)" in last

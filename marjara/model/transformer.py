@@ -25,14 +25,15 @@ _RESIDUAL_OUTPUTS = ("attn.wo.weight", "w_down.weight")
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, inference: bool = False) -> None:
         super().__init__()
         self.layer = layer
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.attn = Attention(config)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.is_moe = config.is_moe_layer(layer)
-        self.ffn = MoEFeedForward(config) if self.is_moe else SwiGLU(config.d_model, config.ffn_hidden_size)
+        self.ffn = (MoEFeedForward(config, inference) if self.is_moe
+                    else SwiGLU(config.d_model, config.ffn_hidden_size))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, rotary: torch.Tensor, cache: KVCache | None = None):
@@ -46,15 +47,27 @@ class Block(nn.Module):
 
 
 class MarjaraModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """MarjaraModel(config): the model to train. Its MoE layers are DeepSpeed's (expert-parallel,
+    DeepSpeed's training gate), which need DeepSpeed's process group: a launcher's, or
+    marjara.distributed.ensure_process_group() in a plain process.
+
+    MarjaraModel(config, inference=True): the model to run (from_pretrained builds it). Its MoE
+    layers are plain PyTorch with the same parameter names and eval-mode routing, every expert in
+    this process (ep_size 1): no process group needed, copy.deepcopy works, eval mode only. Dense
+    models are the same either way."""
+
+    def __init__(self, config: ModelConfig, inference: bool = False) -> None:
         super().__init__()
+        if inference and config.use_moe and config.ep_size != 1:
+            config = config.replace(ep_size=1)  # ep_size says how training splits the experts; here one holds all
         self.config = config
-        if config.use_moe:
+        self.inference = inference
+        if config.use_moe and not inference:
             _check_process_group(config)
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.emb_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, i, inference) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = OutputHead(config.d_model, config.vocab_size)
         if config.tie_embeddings:
@@ -164,9 +177,10 @@ class MarjaraModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         """The model exported in path (python -m marjara.convert, save_pretrained; MARJARA's format or
-        the Hugging Face Qwen3 / Qwen3-MoE layout), strictly loaded, in eval mode (dtype None: as stored)."""
+        the Hugging Face Qwen3 / Qwen3-MoE layout), strictly loaded, in eval mode (dtype None: as
+        stored). Built for inference: a MoE model needs no process group."""
         folder = read_folder(path)
-        model = cls(folder.config)
+        model = cls(folder.config, inference=True)
         load_weights(model, folder)
         return set_dtype(model, device, dtype or folder.dtype)
 
@@ -178,13 +192,16 @@ def _full_numel(param: torch.Tensor) -> int:
 
 def _check_process_group(config: ModelConfig) -> None:
     """DeepSpeed's MoE layers build their expert groups from DeepSpeed's process group, which
-    whoever runs the model sets up: a launcher, or marjara.distributed in a plain process."""
+    whoever trains the model sets up: a launcher, or marjara.distributed in a plain process. Checked
+    here, at construction, so that the missing group is one line and not a failure at the first
+    forward, and so that ep_size is checked against the world before any weight is made."""
     import deepspeed.comm
 
     if not deepspeed.comm.is_initialized():
         raise MarjaraError(
             "a MoE model needs DeepSpeed's process group and none is set up; run it under a launcher, or call "
-            "marjara.distributed.ensure_process_group() first (a one-rank group in a plain process)"
+            "marjara.distributed.ensure_process_group() first (a one-rank group in a plain process); to run a "
+            "model rather than train it, build it with MarjaraModel(config, inference=True) or from_pretrained"
         )
     world = deepspeed.comm.get_world_size()
     if world % config.ep_size:
