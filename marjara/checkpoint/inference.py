@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -39,16 +41,18 @@ def load_for_inference(path: str | os.PathLike, tag: str | None = None, ema: boo
                        device: str | torch.device = "cpu", dtype: torch.dtype | None = None
                        ) -> tuple[torch.nn.Module, Tokenizer]:
     """(model in eval mode, built for inference: no process group needed, its tokenizer); a
-    checkpoint is converted in memory."""
+    checkpoint is converted in memory. Whatever a library announces on stdout while the model
+    loads goes to stderr, so that a command's own output (generated text) stays clean."""
     folder, tag, is_checkpoint = resolve_model_path(path, tag, ema)
-    if is_checkpoint:
-        from marjara.convert import load_checkpoint_model
+    with contextlib.redirect_stdout(sys.stderr):
+        if is_checkpoint:
+            from marjara.convert import load_checkpoint_model
 
-        model, tokenizer_name = load_checkpoint_model(folder, tag=tag, ema=ema, device=device, dtype=dtype)
-    else:
-        tokenizer_name = read_folder(folder).tokenizer
-        if tokenizer_name is None:
-            raise MarjaraError(f"{folder} was not exported by MARJARA: its config.json names no MARJARA tokenizer; "
-                               "run it with transformers instead")
-        model = MarjaraModel.from_pretrained(folder, device=device, dtype=dtype)
+            model, tokenizer_name = load_checkpoint_model(folder, tag=tag, ema=ema, device=device, dtype=dtype)
+        else:
+            tokenizer_name = read_folder(folder).tokenizer
+            if tokenizer_name is None:
+                raise MarjaraError(f"{folder} was not exported by MARJARA: its config.json names no MARJARA "
+                                   "tokenizer; run it with transformers instead")
+            model = MarjaraModel.from_pretrained(folder, device=device, dtype=dtype)
     return model, get_tokenizer(tokenizer_name)
