@@ -94,7 +94,7 @@ def train_step_seconds(model: MarjaraModel, stream: TrainStream, n: int) -> floa
     batches = [stream.next_micro_batch() for _ in range(n + 1)]
 
     def step(x, y):
-        _, loss = model(x, targets=y)
+        loss = model(x, targets=y).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -42,7 +42,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     config = ModelConfig.from_preset(args.preset, max_seq_len=args.prompt_len + args.new_tokens)
-    model = MarjaraModel(config).eval()
+    model = MarjaraModel(config, inference=True).eval()
     prompt = torch.randint(0, config.vocab_size, (args.prompt_len,)).tolist()
     print(f"preset {args.preset}: {model.num_parameters() / 1e6:.1f}M parameters, {torch.get_num_threads()} threads")
 

@@ -1,12 +1,17 @@
-"""Peak memory of one training step (forward, backward, AdamW step) with a large vocabulary: the
-plain output head + cross-entropy over the whole micro-batch vs. MARJARA's chunked one
-(marjara/model/head.py). Both are measured in this run, each in a fresh process:
+"""Peak memory of the loss with a large vocabulary: the plain output head + cross-entropy over the
+whole micro-batch vs. MARJARA's chunked one (marjara/model/head.py). Both are measured in this run,
+each in a fresh process:
 
-    python bench/loss_memory.py [--preset small] [--vocab 100352] [--batch_size 4] [--seq_len 1024]
+    python bench/loss_memory.py [--mode train|validation] [--preset small] [--vocab 100352]
+                                [--batch_size 4] [--seq_len 1024]
 
-The figure is the step's peak above the memory held just before it (model, gradients and AdamW
-state already allocated by a warm-up step): torch.cuda.max_memory_allocated on a GPU, the
-process's peak resident set (VmHWM, reset through /proc/self/clear_refs) on a CPU.
+--mode train (the default): one training step (forward, backward, AdamW step). --mode validation:
+one validation batch (eval mode, no gradients), the full fp32 logits' cross-entropy the evaluator
+used to compute vs. the chunked head it uses now.
+
+The figure is the step's peak above the memory held just before it (model, and for training the
+gradients and AdamW state, already allocated by a warm-up step): torch.cuda.max_memory_allocated
+on a GPU, the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) on a CPU.
 """
 
 from __future__ import annotations
@@ -37,7 +42,21 @@ def plain_loss(model: MarjaraModel, x: torch.Tensor, y: torch.Tensor) -> torch.T
 
 
 def chunked_loss(model: MarjaraModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return model(x, targets=y)[1]
+    return model(x, targets=y).loss
+
+
+def plain_validation_sum(model: MarjaraModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The evaluator's loss as it was: the model's logits of the whole batch, then fp32 cross-entropy."""
+    logits = model(x).logits
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum", ignore_index=-1)
+
+
+def chunked_validation_sum(model: MarjaraModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x, targets=y).ce_sum
+
+
+LOSSES = {("train", "plain"): plain_loss, ("train", "chunked"): chunked_loss,
+          ("validation", "plain"): plain_validation_sum, ("validation", "chunked"): chunked_validation_sum}
 
 
 def _cpu_peak_kib() -> int:
@@ -52,20 +71,24 @@ def measure(variant: str, args) -> dict:
     """One variant in this process: returns the step's peak above the memory before it, in MiB."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model = MarjaraModel(ModelConfig.from_preset(args.preset, vocab_size=args.vocab)).to(device).train()
+    training = args.mode == "train"
+    model = MarjaraModel(ModelConfig.from_preset(args.preset, vocab_size=args.vocab)).to(device).train(training)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_fn = plain_loss if variant == "plain" else chunked_loss
+    loss_fn = LOSSES[args.mode, variant]
     data = torch.randint(0, args.vocab, (args.batch_size, args.seq_len + 1), generator=torch.Generator().manual_seed(1))
     x, y = data[:, :-1].to(device), data[:, 1:].to(device)
 
     def step(xb, yb):
+        if not training:
+            with torch.no_grad():
+                return float(loss_fn(model, xb, yb) / (yb != -1).sum())
         loss = loss_fn(model, xb, yb)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as under DeepSpeed
         return float(loss)
 
-    step(x[:1, :8], y[:1, :8])  # allocates gradients and AdamW state
+    step(x[:1, :8], y[:1, :8])  # allocates gradients and AdamW state (training)
     if device.type == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -84,6 +107,8 @@ def measure(variant: str, args) -> dict:
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--mode", default="train", choices=["train", "validation"],
+                   help="a training step, or a validation batch (no gradients)")
     p.add_argument("--preset", default="small", choices=list(PRESETS))
     p.add_argument("--vocab", type=int, default=100_352, help="vocabulary size (cl100k_base's, padded to 64)")
     p.add_argument("--batch_size", type=int, default=4)
@@ -113,7 +138,8 @@ def main(argv=None) -> int:
     tokens = args.batch_size * args.seq_len
     print(f"{args.preset} preset, vocab {args.vocab}, {tokens} tokens per micro-batch, on {plain['device']}; "
           f"chunks of {chunked['chunk_tokens']} tokens")
-    print(f"peak memory of one training step above its start: plain {plain['peak_mib']:.0f} MiB, "
+    what = "one training step" if args.mode == "train" else "one validation batch (no gradients)"
+    print(f"peak memory of {what} above its start: plain {plain['peak_mib']:.0f} MiB, "
           f"chunked {chunked['peak_mib']:.0f} MiB: {chunked['peak_mib'] / plain['peak_mib']:.2f}x "
           f"(fp32 logits of the micro-batch alone: {tokens * args.vocab * 4 / 2**20:.0f} MiB)")
     print(f"loss: plain {plain['loss']:.6f}, chunked {chunked['loss']:.6f}")

@@ -94,7 +94,7 @@ def time_plain(args, device) -> float:
     def step(micro_batches):
         for x, y in micro_batches:
             with autocast:
-                _, loss = model(x, targets=y)
+                loss = model(x, targets=y).loss
             (loss / len(micro_batches)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
@@ -108,7 +108,7 @@ def time_engine(args, stage: int) -> float:
 
     def step(micro_batches):
         for x, y in micro_batches:  # the engine scales the loss by 1/grad_accum and steps at the boundary
-            _, loss = engine(x, y)
+            loss = engine(x, y).loss
             engine.backward(loss)
             engine.step()
 
@@ -122,7 +122,7 @@ def memory_worker(args) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     engine = new_engine(build(args.preset), train_config(args.stage, 1, args.precision))
     for x, y in batches(engine.module.config, 1, 16, 1, engine.device):
-        _, loss = engine(x, y)
+        loss = engine(x, y).loss
         engine.backward(loss)
         engine.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

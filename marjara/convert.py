@@ -147,12 +147,12 @@ def convert(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tag: str | 
 
 def load_checkpoint_model(ckpt_dir: str | os.PathLike, tag: str | None = None, ema: bool = False,
                           device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """(model, tokenizer name) straight from a checkpoint, converted in memory into the model's own
-    tensors (no second copy). dtype None: float32."""
+    """(model for inference, tokenizer name) straight from a checkpoint, converted in memory into
+    the model's own tensors (no second copy). dtype None: float32."""
     from marjara.model import MarjaraModel
 
     weights = checkpoint_weights(ckpt_dir, tag, ema)
-    model = MarjaraModel(weights.config)
+    model = MarjaraModel(weights.config, inference=True)
     targets = weight_targets(model)
     check_matches(targets, weights.shapes, weights.describe(), "its marjara.json does not describe these weights")
     with torch.no_grad():

@@ -44,7 +44,7 @@ def main() -> None:
     engine.eval()
     idx = fixed_batch(config.vocab_size)
     with torch.no_grad():
-        logits, _ = engine(idx)
+        logits = engine(idx).logits
     if dist.get_rank() == 0:
         torch.save({"idx": idx, "logits": logits.float()}, out)
     shutdown()

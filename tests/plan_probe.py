@@ -34,7 +34,7 @@ def measure(preset: str, vocab: int, precision: str, stage: int) -> int:
     engine = initialize_engine(model=model, optimizer=build_adamw(parameter_groups(model, cfg.optim.weight_decay), cfg),
                                config=cfg.engine_config(world_size()))
     x = torch.randint(0, vocab, (1, 17))
-    _, loss = engine(x[:, :-1], x[:, 1:])
+    loss = engine(x[:, :-1], x[:, 1:]).loss
     engine.backward(loss)
     engine.step()
     held = model_state_bytes(engine)

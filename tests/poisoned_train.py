@@ -13,10 +13,10 @@ def poison_model() -> None:
     clean_forward = MarjaraModel.forward
 
     def forward(self, idx, targets=None):
-        logits, loss = clean_forward(self, idx, targets)
-        if loss is not None and bool((idx == POISON).any()):
-            loss = loss * float("nan")
-        return logits, loss
+        output = clean_forward(self, idx, targets)
+        if output.loss is not None and bool((idx == POISON).any()):
+            output = output._replace(loss=output.loss * float("nan"))
+        return output
 
     MarjaraModel.forward = forward
 

@@ -18,7 +18,7 @@ def test_deepspeed_activation_checkpointing_gives_the_same_loss_and_gradients(mo
         model = build_model(config, grad_checkpointing=checkpointing, ds_config={}).train()
         assert (model.checkpoint_fn is not None) == checkpointing
         torch.manual_seed(1)  # same gate randomness in both runs
-        _, loss = model(idx, targets=idx)
+        loss = model(idx, targets=idx).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (loss_a, grads_a), (loss_b, grads_b) = results

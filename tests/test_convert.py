@@ -32,7 +32,7 @@ def zero_to_fp32(ckpt_dir, tag=None) -> dict[str, torch.Tensor]:
 
 def logits_of(model, idx):
     with torch.no_grad():
-        return model(idx)[0]
+        return model(idx).logits
 
 
 def read_config(out) -> dict:

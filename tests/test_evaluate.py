@@ -49,7 +49,7 @@ def exported(tmp_path, name="model", seed=0, **overrides):
 def token_logprobs(model, tokens: list[int]) -> torch.Tensor:
     """log p(tokens[i] | tokens[:i]) for i >= 1, from one plain forward pass."""
     with torch.no_grad():
-        logits, _ = model(torch.tensor([tokens]))
+        logits = model(torch.tensor([tokens])).logits
     logprobs = torch.log_softmax(logits[0, :-1].float(), dim=-1)
     return logprobs.gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0]
 
@@ -123,7 +123,7 @@ def train_to_know_the_colors(steps=80) -> MarjaraModel:
                 start = rng.randrange(len(ids) - 49)
                 rows.append(ids[start:start + 49])
             batch = torch.tensor(rows)
-            _, loss = model(batch[:, :-1], batch[:, 1:])
+            loss = model(batch[:, :-1], batch[:, 1:]).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

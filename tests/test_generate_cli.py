@@ -1,6 +1,10 @@
 """python -m marjara.generate: exported models and checkpoints, streaming, batches, bad input."""
 
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,7 @@ from marjara.data.tokenizer import get_tokenizer
 pytestmark = pytest.mark.usefixtures("process_group")  # the MoE models built here need one
 
 BYTES = get_tokenizer("bytes")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def exported(tmp_path, seed=0, **overrides):
@@ -118,3 +123,10 @@ def test_a_checkpoint_folder_generates_what_its_export_generates(capsys, tmp_pat
     assert from_export == run_cli(capsys, ckpt / "global_step2", *args)  # a tag folder
     ema_out = convert(ckpt, tmp_path / "ema", ema=True)
     assert run_cli(capsys, ckpt, *args, "--ema") == run_cli(capsys, ema_out, *args)
+    # A process no launcher started, with no process group of its own, reads the checkpoint too.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    plain = subprocess.run([sys.executable, "-m", "marjara.generate", str(ckpt), *map(str, args)], capture_output=True,
+                           text=True, timeout=300, env={**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout == from_export

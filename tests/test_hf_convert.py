@@ -28,7 +28,7 @@ def assert_same_outputs(model, hf, vocab):
     with torch.no_grad():
         for batch, tokens in [(1, 1), (3, 19), (2, 32)]:
             idx = torch.randint(0, vocab, (batch, tokens), generator=generator)
-            torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)
+            torch.testing.assert_close(hf(idx).logits, model(idx).logits, rtol=0, atol=1e-4)
         ours = model.generate([[5, 6, 7, 8]], 20, temperature=0)[0]
     theirs = hf.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=20, min_new_tokens=20, do_sample=False)
     assert ours == theirs[0, 4:].tolist()

@@ -54,7 +54,7 @@ def assert_same_outputs(model: MarjaraModel, hf, prompt_seed: int = 0) -> None:
     with torch.no_grad():
         for batch, tokens in LENGTHS:
             idx = torch.randint(0, VOCAB, (batch, tokens), generator=generator)
-            torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)
+            torch.testing.assert_close(hf(idx).logits, model(idx).logits, rtol=0, atol=1e-4)
         prompt = torch.randint(0, VOCAB, (1, 5), generator=generator)
         ours = model.generate(prompt.tolist(), 24, temperature=0)[0]
     theirs = hf.generate(prompt, max_new_tokens=24, do_sample=False, min_new_tokens=24)[0, 5:].tolist()

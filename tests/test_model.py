@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from marjara.model.attention import Attention
 from marjara.model.config import ModelConfig
-from marjara.model import MarjaraModel
+from marjara.model import MarjaraModel, ModelOutput
 from marjara.model.rope import RotaryEmbedding, apply_rotary
 
 pytestmark = pytest.mark.usefixtures("process_group")  # the MoE models built here need one
@@ -35,8 +35,8 @@ def test_changing_a_token_never_changes_earlier_logits():
     changed = idx.clone()
     changed[:, 10] = (changed[:, 10] + 1) % VOCAB
     with torch.no_grad():
-        a, _ = model(idx)
-        b, _ = model(changed)
+        a = model(idx).logits
+        b = model(changed).logits
     torch.testing.assert_close(a[:, :10], b[:, :10], rtol=0, atol=0)
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
@@ -44,11 +44,18 @@ def test_changing_a_token_never_changes_earlier_logits():
 def test_loss_is_none_without_targets_and_cross_entropy_with():
     model = build()
     idx = torch.randint(0, VOCAB, (2, 8))
-    logits, loss = model(idx)
-    assert loss is None and logits.shape == (2, 8, VOCAB)
-    _, loss = model(idx, targets=idx)
-    expected = F.cross_entropy(logits.view(-1, VOCAB), idx.view(-1))
-    torch.testing.assert_close(loss, expected)
+    out = model(idx)
+    assert isinstance(out, ModelOutput) and out.loss is None and out.logits.shape == (2, 8, VOCAB)
+    assert out.aux_loss is None and out.expert_counts == {}  # a dense model
+    targets = idx.clone()
+    targets[0, :3] = -1
+    scored = model(idx, targets=targets)
+    assert scored.logits is None
+    expected = F.cross_entropy(out.logits.view(-1, VOCAB), targets.view(-1), ignore_index=-1, reduction="sum")
+    torch.testing.assert_close(scored.ce_sum, expected)
+    assert int(scored.ce_tokens) == 2 * 8 - 3
+    torch.testing.assert_close(scored.loss, expected / 13)
+    assert not hasattr(model, "last_aux_loss") and not hasattr(model, "last_expert_counts")
 
 
 @pytest.mark.parametrize("overrides", [{}, MOE], ids=["dense", "moe"])
@@ -56,7 +63,7 @@ def test_incremental_decoding_with_the_cache_equals_a_full_forward(overrides):
     model = build(**overrides)
     idx = torch.randint(0, VOCAB, (3, 20))
     with torch.no_grad():
-        full, _ = model(idx)
+        full = model(idx).logits
         cache = model.new_cache(batch_size=3, max_len=32)
         # A prefix of 7 tokens, then one token at a time.
         steps = [model.lm_head(model.hidden_states(idx[:, :7], torch.arange(7).expand(3, 7), cache))]
@@ -193,14 +200,14 @@ def test_moe_forward_backward_aux_loss_and_expert_counts(top_k):
     idx = torch.randint(0, VOCAB, (2, 16))
     hidden = []
     handle = model.norm.register_forward_hook(lambda _m, _i, out: hidden.append(out.detach()))
-    _, loss = model(idx, targets=idx)
+    out = model(idx, targets=idx)
     handle.remove()
-    aux = model.last_aux_loss
+    loss, aux = out.loss, out.aux_loss
     ce = F.cross_entropy(model.lm_head(hidden[0]).view(-1, VOCAB), idx.view(-1))  # same forward's routing
     assert aux is not None and aux > 0
     torch.testing.assert_close(loss, ce + model.config.aux_loss_coef * aux)
-    assert sorted(model.last_expert_counts) == model.config.moe_layers
-    for counts in model.last_expert_counts.values():
+    assert sorted(out.expert_counts) == model.config.moe_layers
+    for counts in out.expert_counts.values():
         assert counts.shape == (4,) and int(counts.sum()) == 2 * 16 * top_k
     loss.backward()
     gate = model.blocks[1].ffn.moe.deepspeed_moe.gate.wg.weight
@@ -212,7 +219,7 @@ def test_moe_forward_backward_aux_loss_and_expert_counts(top_k):
 def test_use_residual_moe_runs():
     model = build(use_moe=True, num_experts=2, top_k=1, use_residual=True).train()
     idx = torch.randint(0, VOCAB, (2, 8))
-    _, loss = model(idx, targets=idx)
+    loss = model(idx, targets=idx).loss
     loss.backward()
     assert model.blocks[1].ffn.moe.coefficient.weight.grad is not None
 
@@ -225,7 +232,7 @@ def test_tiny_model_overfits_one_batch(overrides):
     x, y = idx[:, :-1], idx[:, 1:]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(300):
-        _, loss = model(x, targets=y)
+        loss = model(x, targets=y).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -243,4 +250,4 @@ def test_a_moe_model_without_a_process_group_says_who_sets_one_up():
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert "a MoE model needs DeepSpeed's process group and none is set up" in last, last
-    assert "marjara.distributed.ensure_process_group()" in last
+    assert "marjara.distributed.ensure_process_group()" in last and "MarjaraModel(config, inference=True)" in last

@@ -21,7 +21,7 @@ def build(seed=0, **overrides) -> MarjaraModel:
 def eval_logits(model, idx, seed):
     torch.manual_seed(seed)
     with torch.no_grad():
-        return model.eval()(idx)[0]
+        return model.eval()(idx).logits
 
 
 def cached_logits(model, idx):
@@ -65,7 +65,7 @@ def training_step(model, idx, targets):
     torch.manual_seed(11)  # top-2 training samples its second expert
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    _, loss = model(idx, targets=targets)
+    loss = model(idx, targets=targets).loss
     loss.backward()
     optimizer.step()
     return loss.detach()

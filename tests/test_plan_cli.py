@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from marjara.model.config import ModelConfig
+from marjara.model.config import PRESETS, ModelConfig
 from marjara.model import MarjaraModel
 from marjara.planner.shapes import flops_per_token, param_counts, parameter_numels
 from train_helpers import QUICK, run_train
@@ -38,6 +39,21 @@ def test_counts_from_shapes_equal_the_built_model(model):
     assert flops_per_token(config, 256) == built.flops_per_token(256)
     assert sorted(n for n, _ in parameter_numels(config)) == sorted(p.numel() for p in built.parameters())
     assert counts.largest_layer == max(sum(p.numel() for p in m.parameters(recurse=False)) for m in built.modules())
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_the_model_and_the_planner_estimate_the_same_flops_for_every_preset(preset, moe):
+    from marjara.distributed import ensure_process_group
+
+    ensure_process_group()  # MoE layers need DeepSpeed's process group; a one-rank one here
+    overrides = {"use_moe": True, "num_experts": 8, "top_k": 2} if moe else {}
+    config = ModelConfig.from_preset(preset, vocab_size=50304, **overrides)
+    with torch.device("meta"):  # shapes only: the 7b preset's weights would not fit here
+        built = MarjaraModel(config)
+    for seq_len in (256, config.max_seq_len):
+        assert flops_per_token(config, seq_len) == built.flops_per_token(seq_len)
+    assert built.flops_per_token(256) > 6 * built.num_active_parameters(include_embeddings=False)
 
 
 def test_json_plan_recommends_the_lowest_stage_that_fits():

@@ -89,8 +89,8 @@ def test_activation_estimate_matches_a_profiled_step(preset, vocab, precision, b
     x, y = torch.randint(0, vocab, (2, batch, seq_len))
 
     def step():
-        _, loss = net(x, y)  # the logits stay referenced through backward, as in the Learner's step
-        loss.backward()
+        output = net(x, y)  # held through backward, as in the Learner's step
+        output.loss.backward()
 
     step()
     measured = cpu_peak_increase(step)

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from marjara.checkpoint.format import LATEST, is_checkpoint_dir, is_tag_dir, open_checkpoint
-from marjara.distributed import ensure_process_group
 from marjara.errors import MarjaraError
 from marjara.model import MarjaraModel
 from marjara.model.pretrained import is_pretrained_dir, read_folder
@@ -41,21 +40,11 @@ def resolve_model_path(path: str | os.PathLike, tag: str | None = None, ema: boo
 def load_for_inference(path: str | os.PathLike, tag: str | None = None, ema: bool = False,
                        device: str | torch.device = "cpu", dtype: torch.dtype | None = None
                        ) -> tuple[torch.nn.Module, Tokenizer]:
-    """(model in eval mode, its tokenizer); a checkpoint is converted in memory. A MoE model
-    gets the one-rank process group it needs when no launcher made one.
-
-    DeepSpeed announces on stdout the process group an MoE model joins (at construction and at
-    its first forward); both happen here with stdout sent to stderr, so that a command's own
-    output (generated text) stays clean.
-    """
+    """(model in eval mode, built for inference: no process group needed, its tokenizer); a
+    checkpoint is converted in memory. Whatever a library announces on stdout while the model
+    loads goes to stderr, so that a command's own output (generated text) stays clean."""
     folder, tag, is_checkpoint = resolve_model_path(path, tag, ema)
-    if is_checkpoint:
-        uses_moe = open_checkpoint(folder, tag).config.use_moe
-    else:
-        uses_moe = read_folder(folder).config.use_moe
     with contextlib.redirect_stdout(sys.stderr):
-        if uses_moe:
-            ensure_process_group()  # DeepSpeed's MoE layers need one; this process may have none yet
         if is_checkpoint:
             from marjara.convert import load_checkpoint_model
 
@@ -63,10 +52,7 @@ def load_for_inference(path: str | os.PathLike, tag: str | None = None, ema: boo
         else:
             tokenizer_name = read_folder(folder).tokenizer
             if tokenizer_name is None:
-                raise MarjaraError(f"{folder} was not exported by MARJARA: its config.json names no MARJARA tokenizer; "
-                                   "run it with transformers instead")
+                raise MarjaraError(f"{folder} was not exported by MARJARA: its config.json names no MARJARA "
+                                   "tokenizer; run it with transformers instead")
             model = MarjaraModel.from_pretrained(folder, device=device, dtype=dtype)
-        if model.config.use_moe:
-            with torch.no_grad():
-                model(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
     return model, get_tokenizer(tokenizer_name)

@@ -41,10 +41,20 @@ def continuation_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], m
             idx[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         hidden = model.hidden_states(idx)
         for row, (index, (start, continuation)) in enumerate(zip(indices, spans)):
-            logits = model.lm_head(hidden[row, start: start + len(continuation)]).float()
-            logprobs = torch.log_softmax(logits, dim=-1)
             target = torch.tensor(continuation, device=device)
-            total = logprobs.gather(-1, target[:, None]).sum().item()
-            greedy = bool((logits.argmax(-1) == target).all())
-            results[index] = (total, greedy)
+            results[index] = _score(model.lm_head, hidden[row, start: start + len(continuation)], target)
     return results  # type: ignore[return-value]
+
+
+def _score(head, hidden: torch.Tensor, target: torch.Tensor) -> tuple[float, bool]:
+    """(sum of log p(target), whether each target is the argmax) over slices of head.chunk_tokens
+    positions, as the training loss runs (marjara/model/head.py): a rolling window as long as the
+    context never holds all its fp32 logits at once."""
+    total = torch.zeros((), dtype=torch.float32, device=target.device)
+    greedy = torch.ones((), dtype=torch.bool, device=target.device)
+    for begin in range(0, target.numel(), head.chunk_tokens):
+        logits = head(hidden[begin: begin + head.chunk_tokens]).float()
+        wanted = target[begin: begin + head.chunk_tokens]
+        total += torch.log_softmax(logits, dim=-1).gather(-1, wanted[:, None]).sum()
+        greedy &= (logits.argmax(-1) == wanted).all()
+    return total.item(), bool(greedy)

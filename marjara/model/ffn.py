@@ -1,4 +1,5 @@
-"""Feed-forward blocks: SwiGLU, and a mixture of SwiGLU experts on deepspeed.moe.layer.MoE."""
+"""Feed-forward blocks: SwiGLU, and a mixture of SwiGLU experts on deepspeed.moe.layer.MoE (training)
+or on its plain-PyTorch twin (inference)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 from marjara.compat.deepspeed_moe import deterministic_moe_gate, ensure_expert_group
 from marjara.errors import MarjaraError
 from marjara.model.config import ModelConfig
+from marjara.model.inference_moe import InferenceMoE
 
 
 class SwiGLU(nn.Module):
@@ -34,12 +36,21 @@ class MoEFeedForward(nn.Module):
     is reproducible and equals cached generation and the exported model. `eval_routing =
     "training"` (see moe_eval_routing) keeps DeepSpeed's gate in eval mode too.
 
+    inference=True builds the plain-PyTorch layer of marjara/model/inference_moe.py instead: the
+    same parameters and the same eval-mode routing, with no process group (eval mode only).
+
     expert_counts holds, per expert of the whole layer, how many tokens of this rank's batch the
     gate sent to it (top-k: each token counts k times).
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, inference: bool = False) -> None:
         super().__init__()
+        self.eval_routing = "deterministic"
+        self.inference = inference
+        if inference:
+            self.moe = InferenceMoE(config.d_model, lambda: SwiGLU(config.d_model, config.ffn_hidden_size),
+                                    config.num_experts, config.top_k, config.use_residual)
+            return
         from deepspeed.moe.layer import MoE
 
         self.moe = MoE(
@@ -54,9 +65,13 @@ class MoEFeedForward(nn.Module):
             use_residual=config.use_residual,
             drop_tokens=config.drop_tokens,
         )
-        self.eval_routing = "deterministic"
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.inference:
+            if self.eval_routing == "training":
+                raise MarjaraError("an inference model's MoE layers have no training gate to route with; "
+                                   "evaluate with the deterministic routing, or build MarjaraModel(config)")
+            return self.moe(x)
         ensure_expert_group(self.moe)  # an engine gives it one; a model run without an engine has none
         if self.training or self.eval_routing == "training":
             return self.moe(x)

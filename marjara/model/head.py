@@ -30,11 +30,11 @@ def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return F.cross_entropy(logits.float(), targets, reduction="sum", ignore_index=-1)
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk_tokens: int) -> torch.Tensor:
-    """Mean cross-entropy of `hidden @ weight.T` against `targets` (-1 ignored), like
-    `F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=-1)`, with at most
-    `chunk_tokens` tokens' logits alive at once."""
+def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed fp32 cross-entropy of `hidden @ weight.T` against `targets`, number of targets that
+    are not -1), with at most `chunk_tokens` tokens' logits alive at once. Nothing is read from
+    the device."""
     hidden = hidden.reshape(-1, hidden.size(-1))
     targets = targets.reshape(-1)
     recompute = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
@@ -45,11 +45,21 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
             total = total + checkpoint(_chunk_loss_sum, h, weight, t, use_reentrant=False)
         else:
             total = total + _chunk_loss_sum(h, weight, t)
-    return total / (targets != -1).sum()
+    return total, (targets != -1).sum()
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk_tokens: int) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `targets` (-1 ignored), like
+    `F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=-1)`, with at most
+    `chunk_tokens` tokens' logits alive at once."""
+    total, count = chunked_cross_entropy_sum(hidden, weight, targets, chunk_tokens)
+    return total / count
 
 
 class OutputHead(nn.Linear):
-    """hidden -> logits, or with targets the mean cross-entropy without the whole batch's logits.
+    """hidden -> logits, or with targets (summed cross-entropy, target count) without the whole
+    batch's logits.
 
     The loss runs inside this module's forward so that ZeRO-3 has gathered the weight for it."""
 
@@ -57,7 +67,7 @@ class OutputHead(nn.Linear):
         super().__init__(d_model, vocab_size, bias=False)
         self.chunk_tokens = tokens_per_chunk(vocab_size)
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None):
         if targets is None:
             return super().forward(hidden)
-        return chunked_cross_entropy(hidden, self.weight, targets, self.chunk_tokens)
+        return chunked_cross_entropy_sum(hidden, self.weight, targets, self.chunk_tokens)

@@ -13,7 +13,9 @@ from marjara.model.cache import KVCache
 from marjara.model.config import ModelConfig
 from marjara.errors import MarjaraError
 from marjara.model.ffn import MoEFeedForward, SwiGLU
+from marjara.model.flops import training_flops_per_token
 from marjara.model.head import OutputHead
+from marjara.model.output import ModelOutput
 from marjara.model.param_names import is_expert_param
 from marjara.model.pretrained import load_weights, read_folder, set_dtype
 from marjara.model.rope import RotaryEmbedding
@@ -23,14 +25,15 @@ _RESIDUAL_OUTPUTS = ("attn.wo.weight", "w_down.weight")
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, inference: bool = False) -> None:
         super().__init__()
         self.layer = layer
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.attn = Attention(config)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.is_moe = config.is_moe_layer(layer)
-        self.ffn = MoEFeedForward(config) if self.is_moe else SwiGLU(config.d_model, config.ffn_hidden_size)
+        self.ffn = (MoEFeedForward(config, inference) if self.is_moe
+                    else SwiGLU(config.d_model, config.ffn_hidden_size))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, rotary: torch.Tensor, cache: KVCache | None = None):
@@ -44,15 +47,27 @@ class Block(nn.Module):
 
 
 class MarjaraModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """MarjaraModel(config): the model to train. Its MoE layers are DeepSpeed's (expert-parallel,
+    DeepSpeed's training gate), which need DeepSpeed's process group: a launcher's, or
+    marjara.distributed.ensure_process_group() in a plain process.
+
+    MarjaraModel(config, inference=True): the model to run (from_pretrained builds it). Its MoE
+    layers are plain PyTorch with the same parameter names and eval-mode routing, every expert in
+    this process (ep_size 1): no process group needed, copy.deepcopy works, eval mode only. Dense
+    models are the same either way."""
+
+    def __init__(self, config: ModelConfig, inference: bool = False) -> None:
         super().__init__()
+        if inference and config.use_moe and config.ep_size != 1:
+            config = config.replace(ep_size=1)  # ep_size says how training splits the experts; here one holds all
         self.config = config
-        if config.use_moe:
+        self.inference = inference
+        if config.use_moe and not inference:
             _check_process_group(config)
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.emb_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, i, inference) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = OutputHead(config.d_model, config.vocab_size)
         if config.tie_embeddings:
@@ -63,8 +78,6 @@ class MarjaraModel(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=self.init_std_for(name))
         # Set by a trainer: checkpoint_fn(function, *args) recomputes `function` in backward.
         self.checkpoint_fn: Callable | None = None
-        self.last_aux_loss: torch.Tensor | None = None
-        self.last_expert_counts: dict[int, torch.Tensor] = {}
 
     def init_std_for(self, name: str) -> float:
         """The initial standard deviation of matrix `name`. Residual-branch outputs are scaled by
@@ -80,9 +93,9 @@ class MarjaraModel(nn.Module):
                 nn.init.zeros_(module.bias)
 
     # ---- forward ------------------------------------------------------------------------
-    def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
-                      cache: KVCache | None = None) -> torch.Tensor:
-        """Final-norm hidden states (B, T, d_model); records the MoE aux loss and expert counts."""
+    def _blocks(self, idx: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, torch.Tensor]]:
+        """(final-norm hidden states (B, T, d_model), summed MoE aux loss or None, expert counts by layer)."""
         B, T = idx.shape
         if positions is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)
@@ -90,7 +103,7 @@ class MarjaraModel(nn.Module):
         if cache is not None:
             cache.begin_step(positions)
         x = self.emb_dropout(self.tok_emb(idx))
-        aux_losses, self.last_expert_counts = [], {}
+        aux_losses, expert_counts = [], {}
         for block in self.blocks:
             if self.checkpoint_fn is not None and self.training and cache is None:
                 x, aux_loss, counts = self.checkpoint_fn(block, x, rotary)
@@ -98,22 +111,27 @@ class MarjaraModel(nn.Module):
                 x, aux_loss, counts = block(x, rotary, cache)
             if block.is_moe:
                 aux_losses.append(aux_loss)
-                self.last_expert_counts[block.layer] = counts.detach()
-        self.last_aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
-        return self.norm(x)
+                expert_counts[block.layer] = counts.detach()
+        return self.norm(x), torch.stack(aux_losses).sum() if aux_losses else None, expert_counts
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx, targets: (B, T) token ids (targets -1 are ignored). Without targets: (logits, None).
-        With targets: (None, loss), loss = cross-entropy + aux_loss_coef x the summed MoE aux
-        losses; the cross-entropy runs over slices of the tokens (marjara/model/head.py), so the
-        whole micro-batch's logits never exist."""
-        hidden = self.hidden_states(idx)
+    def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d_model), for generation and scoring."""
+        return self._blocks(idx, positions, cache)[0]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+        """idx, targets: (B, T) token ids (targets -1 are ignored). Without targets the output holds
+        the logits; with targets, loss = cross-entropy + aux_loss_coef x the summed MoE aux losses,
+        where the cross-entropy runs over slices of the tokens (marjara/model/head.py), so the
+        whole micro-batch's logits never exist. See marjara/model/output.py."""
+        hidden, aux_loss, expert_counts = self._blocks(idx, None, None)
         if targets is None:
-            return self.lm_head(hidden), None
-        loss = self.lm_head(hidden, targets)
-        if self.last_aux_loss is not None:
-            loss = loss + self.config.aux_loss_coef * self.last_aux_loss
-        return None, loss
+            return ModelOutput(self.lm_head(hidden), None, aux_loss, expert_counts)
+        ce_sum, ce_tokens = self.lm_head(hidden, targets)
+        loss = ce_sum / ce_tokens
+        if aux_loss is not None:
+            loss = loss + self.config.aux_loss_coef * aux_loss
+        return ModelOutput(None, loss, aux_loss, expert_counts, ce_sum, ce_tokens)
 
     # ---- sizes --------------------------------------------------------------------------
     def _counts(self) -> tuple[int, int, int]:
@@ -143,11 +161,8 @@ class MarjaraModel(nn.Module):
         return dense + active_expert + (embedding if include_embeddings else 0)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward), PaLM's convention: 6 x active matmul
-        parameters (the output projection included) + 12 x layers x d_model x seq_len for attention."""
-        c = self.config
-        matmul_params = self.num_active_parameters(include_embeddings=False) + c.vocab_size * c.d_model
-        return 6.0 * matmul_params + 12.0 * c.n_layers * c.d_model * seq_len
+        """Training FLOPs per token (forward + backward): marjara/model/flops.py's formula."""
+        return training_flops_per_token(self.config, self.num_active_parameters(include_embeddings=False), seq_len)
 
     # ---- generation ---------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: int, **sampling) -> list[list[int]]:
@@ -162,9 +177,10 @@ class MarjaraModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         """The model exported in path (python -m marjara.convert, save_pretrained; MARJARA's format or
-        the Hugging Face Qwen3 / Qwen3-MoE layout), strictly loaded, in eval mode (dtype None: as stored)."""
+        the Hugging Face Qwen3 / Qwen3-MoE layout), strictly loaded, in eval mode (dtype None: as
+        stored). Built for inference: a MoE model needs no process group."""
         folder = read_folder(path)
-        model = cls(folder.config)
+        model = cls(folder.config, inference=True)
         load_weights(model, folder)
         return set_dtype(model, device, dtype or folder.dtype)
 
@@ -176,13 +192,16 @@ def _full_numel(param: torch.Tensor) -> int:
 
 def _check_process_group(config: ModelConfig) -> None:
     """DeepSpeed's MoE layers build their expert groups from DeepSpeed's process group, which
-    whoever runs the model sets up: a launcher, or marjara.distributed in a plain process."""
+    whoever trains the model sets up: a launcher, or marjara.distributed in a plain process. Checked
+    here, at construction, so that the missing group is one line and not a failure at the first
+    forward, and so that ep_size is checked against the world before any weight is made."""
     import deepspeed.comm
 
     if not deepspeed.comm.is_initialized():
         raise MarjaraError(
             "a MoE model needs DeepSpeed's process group and none is set up; run it under a launcher, or call "
-            "marjara.distributed.ensure_process_group() first (a one-rank group in a plain process)"
+            "marjara.distributed.ensure_process_group() first (a one-rank group in a plain process); to run a "
+            "model rather than train it, build it with MarjaraModel(config, inference=True) or from_pretrained"
         )
     world = deepspeed.comm.get_world_size()
     if world % config.ep_size:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from marjara.model.config import ModelConfig
+from marjara.model.flops import training_flops_per_token
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,9 @@ def active_params(c: ModelConfig, counts: ParamCounts) -> int:
 
 
 def flops_per_token(c: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward and backward) by MarjaraModel.flops_per_token's convention:
-    6 x active matmul parameters (output projection included) + 12 x layers x d_model x seq_len."""
-    matmul_params = active_params(c, param_counts(c)) + c.vocab_size * c.d_model
-    return 6.0 * matmul_params + 12.0 * c.n_layers * c.d_model * seq_len
+    """Training FLOPs per token (forward and backward): the model's own formula
+    (marjara/model/flops.py) over the active parameters counted from the config."""
+    return training_flops_per_token(c, active_params(c, param_counts(c)), seq_len)
 
 
 def parameter_numels(c: ModelConfig) -> list[tuple[int, bool]]:

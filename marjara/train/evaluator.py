@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from marjara import distributed
 from marjara.model.ffn import moe_eval_routing
@@ -37,18 +36,17 @@ class Evaluator:
 
     @torch.no_grad()
     def set_loss(self, batches: list) -> float:
-        """Mean validation cross-entropy over one set's fixed batches, of all ranks. The sums stay
-        on the device; the one read is of the all-reduced totals."""
+        """Mean validation cross-entropy over one set's fixed batches, of all ranks, through the
+        same chunked output head as training (marjara/model/head.py). The sums stay on the device;
+        the one read is of the all-reduced totals."""
         engine = self.engine
         engine.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
         with moe_eval_routing(engine.module, self.moe_routing):
             for x, y in batches:
                 x, y = x.to(engine.device, non_blocking=True), y.to(engine.device, non_blocking=True)
-                logits, _ = engine(x)
-                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum",
-                                       ignore_index=-1)
-                totals += torch.stack([loss.double(), (y != -1).sum().double()])
+                out = engine(x, y)  # the chunked head: no batch-wide fp32 logits
+                totals += torch.stack([out.ce_sum.double(), out.ce_tokens.double()])
         engine.train()
         totals = distributed.all_reduce(totals).tolist()
         return totals[0] / totals[1]

@@ -135,14 +135,15 @@ class Learner:
         engine = self.engine
         for _ in range(self.cfg.optim.grad_accum):
             x, y = self.batches.next()
-            _, loss = engine(x, y)
+            output = engine(x, y)
+            loss = output.loss
             self.guard.observe_loss(loss)  # on the device: no synchronisation per micro-batch
             engine.backward(loss_for_backward(engine, loss, self.loss_unscaled))
             self.batches.prefetch()
             if engine.is_gradient_accumulation_boundary():
                 self.meter.before_optimizer_step()
             engine.step()
-            self.meter.add_micro_batch(loss, self.cfg.optim.grad_accum)
+            self.meter.add_micro_batch(output, self.cfg.optim.grad_accum)
 
     def _start(self) -> StepMeter:
         """Print the run's start line; returns the meter of its steps."""

@@ -10,6 +10,7 @@ import torch
 
 from marjara import distributed
 from marjara.compat.deepspeed import current_loss_scale, global_grad_norm, learning_rate, skipped_steps
+from marjara.model import ModelOutput
 from marjara.train.metrics import mfu_report
 
 
@@ -27,6 +28,7 @@ class StepMeter:
         self.grad_norm: torch.Tensor | None = None  # on the device until a log line reads it
         self.lr: float | None = None
         self.sums: torch.Tensor | None = None  # loss, aux loss over the log interval, on the device
+        self.expert_counts: dict[int, torch.Tensor] = {}  # the last micro-batch's, on the device
         self.window_steps, self.window_start = 0, time.perf_counter()
 
     def before_optimizer_step(self) -> None:
@@ -36,11 +38,13 @@ class StepMeter:
             norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
             self.grad_norm = torch.stack(norms).norm() if norms else None
 
-    def add_micro_batch(self, loss: torch.Tensor, grad_accum: int) -> None:
-        aux = self.model.last_aux_loss
+    def add_micro_batch(self, output: ModelOutput, grad_accum: int) -> None:
+        """`output`: the micro-batch's forward (with targets)."""
+        loss, aux = output.loss, output.aux_loss
         values = torch.stack([loss.detach().float(), aux.detach().float() if aux is not None
                               else torch.zeros((), device=loss.device)]) / grad_accum
         self.sums = values if self.sums is None else self.sums + values
+        self.expert_counts = output.expert_counts
 
     def end_step(self, step: int, log: bool) -> None:
         self.window_steps += 1
@@ -69,7 +73,7 @@ class StepMeter:
             values["train/gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if self.model.config.use_moe:
             values["moe/aux_loss"] = aux
-            for layer, counts in self.model.last_expert_counts.items():
+            for layer, counts in self.expert_counts.items():
                 counts = counts.float()
                 values[f"moe/expert_load_max_over_mean/layer{layer}"] = float(counts.max() / counts.mean().clamp(min=1))
         line = f"loss {loss:.4f} | lr {self.lr:.2e} | {tokens_per_sec:,.0f} tok/s" + mfu_line
