@@ -21,6 +21,7 @@ from marjara.model.expert_init import init_experts
 from marjara.train.allocator import active_allocator
 from marjara.train.batches import DeviceBatches
 from marjara.compat import engine_leaves_loss_unscaled, loss_for_backward
+from marjara.checkpoint.format import RunRecord
 from marjara.train.build import build_engine, build_model, compile_model, model_config, quiet_libraries
 from marjara.train.config import TrainConfig
 from marjara.train.ema import WeightEMA
@@ -87,10 +88,10 @@ class Learner:
             compile_model(self.engine, self.config, self.report)
 
         self.evaluator = Evaluator(self.engine, val_sets, self.ema, self.report, cfg.moe_eval_routing)
-        run_meta = {"seq_len": cfg.seq_len, "model_config": self.config.to_dict(), "tokenizer": self.data.tokenizer_name,
-                    "zero_stage": cfg.zero_stage, "world_size": self.world, "dtype": cfg.mixed_precision,
-                    "train_args": cfg.plain_values()}
-        self.saver = Saver(self.engine, cfg.out_dir, cfg.keep_last, run_meta, self.ema, self.report,
+        run = RunRecord(seq_len=cfg.seq_len, model_config=self.config.to_dict(), tokenizer=self.data.tokenizer_name,
+                        zero_stage=cfg.zero_stage, world_size=self.world, dtype=cfg.mixed_precision,
+                        train_args=cfg.plain_values())
+        self.saver = Saver(self.engine, cfg.out_dir, cfg.keep_last, run, self.ema, self.report,
                            last_saved=self.step if resume else -1)
         self.meter: StepMeter | None = None
 

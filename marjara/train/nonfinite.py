@@ -111,10 +111,10 @@ def stop_line(guard: NonFiniteGuard, step: int, samples_now: int, out_dir: str, 
     out = Path(out_dir)
     tag = latest_tag(out) if is_checkpoint_dir(out) else None
     if tag is not None and (out / tag).is_dir():
-        done = read_meta(out / tag, "")["samples_consumed"]
+        done = read_meta(out / tag, "").samples_consumed
         return (f"{what}; {out_dir}/{LATEST} still names {tag}: to step over the data that blew up, resume with "
                 f"--resume {out_dir} --skip_samples {samples_now - done}")
     if resumed_from is not None:
         return (f"{what}; to step over the data that blew up, resume with --resume {resumed_from.tag_dir} "
-                f"--skip_samples {samples_now - resumed_from.meta['samples_consumed']}")
+                f"--skip_samples {samples_now - resumed_from.meta.samples_consumed}")
     return f"{what}; no checkpoint exists yet: start again with --overwrite --skip_samples {samples_now}"

@@ -107,4 +107,4 @@ def claim_agreed(out_dir: str, log_dir: str, resumed_from, overwrite: bool, rank
             clear(out_dir, log_dir)
         distributed.barrier()
     if same_run and rank == 0:
-        continue_metrics(out_dir, resumed_from.meta["step"])
+        continue_metrics(out_dir, resumed_from.meta.step)

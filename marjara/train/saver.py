@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from marjara.checkpoint import store as ckpt
+from marjara.checkpoint.format import CheckpointMeta, RunRecord
 from marjara.errors import TrainingDiverged
 from marjara.train.nonfinite import all_finite
 
 
 class Saver:
-    def __init__(self, engine, out_dir: str, keep_last: int, run_meta: dict, ema, report, last_saved: int) -> None:
-        """run_meta: what marjara.json records that does not change during the run."""
-        self.engine, self.out_dir, self.keep_last, self.run_meta = engine, out_dir, keep_last, run_meta
+    def __init__(self, engine, out_dir: str, keep_last: int, run: RunRecord, ema, report, last_saved: int) -> None:
+        self.engine, self.out_dir, self.keep_last, self.run = engine, out_dir, keep_last, run
         self.ema, self.report = ema, report
         self.last_saved = last_saved  # the step of the newest checkpoint of this run (-1: none)
 
@@ -24,17 +24,12 @@ class Saver:
             raise TrainingDiverged(f"the weights hold NaN or inf at step {step}; nothing was saved and "
                                    f"{self.out_dir} is as it was; resume from its last checkpoint with a lower "
                                    "--lr, or with --skip_samples past the data of the last steps")
-        meta = {
-            "step": step,
-            "samples_consumed": samples_consumed,
-            "tokens_seen": samples_consumed * self.run_meta["seq_len"],
-            **self.run_meta,
-            "ema": self.ema.meta() if self.ema else None,
-        }
+        meta = CheckpointMeta.for_save(step, {"samples_consumed": samples_consumed}, self.run,
+                                       self.ema.meta() if self.ema is not None else None)
         rank_state = {"rng": ckpt.rng_state(), "ema": {}, "ema_shapes": {}}
         if self.ema is not None:
             rank_state.update(self.ema.state_dict())
-        tag_dir = ckpt.save(self.engine, self.out_dir, step, meta, rank_state, self.keep_last)
+        tag_dir = ckpt.save(self.engine, self.out_dir, meta, rank_state, self.keep_last)
         self.last_saved = step
         self.report.print(f"step {step:>6} | saved {tag_dir}")
         return tag_dir
