@@ -42,10 +42,13 @@ class GuardedAdamW(torch.optim.AdamW):
 
 @dataclass
 class NonFiniteGuard:
-    """Counts non-finite steps; `bad_in_a_row >= max_bad_steps` means the run must stop."""
+    """The policy for non-finite steps: which step is bad (end_step), when the run must stop
+    (`in_a_row >= max_bad_steps`) and when a save may happen (allows_save). `report`, if given,
+    logs and shows each bad step."""
 
     max_bad_steps: int
     enabled: bool = True
+    report: object | None = field(default=None, repr=False)
     total: int = 0
     in_a_row: int = 0
     first_bad_step: int | None = None       # of the current streak
@@ -82,11 +85,20 @@ class NonFiniteGuard:
         if self.in_a_row == 0:
             self.first_bad_step, self.first_bad_sample = step, first_sample
         self.in_a_row += 1
+        if self.report is not None:
+            self.report.log(step, {"train/non_finite_steps": self.total})
+            self.report.print(f"step {step:>6} | non-finite loss or gradient norm: update skipped "
+                              f"({self.in_a_row} in a row of at most {self.max_bad_steps}, {self.total} in this run)")
         return True
 
     @property
     def must_stop(self) -> bool:
         return self.enabled and self.in_a_row >= self.max_bad_steps
+
+    @property
+    def allows_save(self) -> bool:
+        """Not in the middle of a non-finite streak: `latest` keeps naming the last good step."""
+        return self.in_a_row == 0
 
 
 def all_finite(tensors) -> bool:
