@@ -50,12 +50,12 @@ class CheckpointWeights:
     @property
     def source(self) -> dict:
         meta = self.ckpt.meta
-        return {"checkpoint": str(self.ckpt.ckpt_dir.resolve()), "tag": self.ckpt.tag, "step": meta["step"],
-                "tokens": meta.get("tokens_seen"), "ema": self.ema}
+        return {"checkpoint": str(self.ckpt.ckpt_dir.resolve()), "tag": self.ckpt.tag, "step": meta.step,
+                "tokens": meta.tokens_seen, "ema": self.ema}
 
     @property
     def tokenizer(self) -> str:
-        return self.ckpt.meta["tokenizer"]
+        return self.ckpt.meta.tokenizer
 
     def describe(self) -> str:
         return f"{'EMA weights of ' if self.ema else ''}checkpoint {self.ckpt.tag_dir}"

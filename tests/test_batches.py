@@ -28,10 +28,22 @@ def test_prefetching_changes_neither_the_batches_nor_the_recorded_position(grad_
         assert ahead.stream.samples_consumed >= plain.samples_consumed
 
 
-def test_a_stream_resumed_at_the_recorded_position_continues_with_the_same_batches():
+def test_a_stream_resumed_from_the_recorded_state_continues_with_the_same_batches():
     ahead = DeviceBatches(stream(1), torch.device("cpu"))
     for _ in range(3):
         ahead.next()
         ahead.prefetch()
-    resumed = DeviceBatches(stream(1, consumed=ahead.samples_consumed), torch.device("cpu"))
+    state = ahead.state_dict()
+    assert state == {"samples_consumed": 6}  # the field marjara.json has always recorded
+    resumed = DeviceBatches(stream(1), torch.device("cpu"))
+    resumed.next()
+    resumed.prefetch()  # fetched ahead of the old position: dropped by the load
+    resumed.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(ahead.next(), resumed.next()))
+
+
+def test_skip_steps_over_samples_as_a_stream_started_past_them():
+    skipped, started_there = DeviceBatches(stream(3), torch.device("cpu")), stream(3, consumed=12)
+    skipped.skip(12)
+    assert skipped.state_dict() == started_there.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(skipped.next(), started_there.next_micro_batch()))

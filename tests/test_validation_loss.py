@@ -60,7 +60,7 @@ def test_validation_through_the_chunked_head_equals_the_full_logits_loss(stage, 
     engine = initialize_engine(model=model, optimizer=build_adamw(parameter_groups(model, 0.1), cfg),
                                config=cfg.engine_config(world_size=1))
     pairs = batches()
-    loss = Evaluator(engine, [("", 1.0, pairs)], None, None).loss()
+    loss = Evaluator(engine, [("", 1.0, pairs)], None, None, "deterministic", interval=0, last_step=0).loss()
     assert engine.module.training  # handed back in training mode
     if stage == 3:
         from deepspeed.utils import safe_get_full_fp32_param

@@ -11,8 +11,10 @@ CKPT_DIR/global_stepN/                 one checkpoint ("tag"):
                                        finished, so its presence marks the checkpoint complete
 CKPT_DIR/global_stepN_universal/       DeepSpeed's universal copy for another world size
 
-marjara.json (format_version 2; version 1, which lacks `files`, is still read, unverified):
-    step, samples_consumed, tokens_seen, seq_len   where training stood
+marjara.json (format_version 2; version 1, which lacks `files`, is still read, unverified), read
+and written only as a CheckpointMeta; a missing or wrong-typed key is refused in one line:
+    step, samples_consumed, tokens_seen, seq_len   where training stood (samples_consumed: the
+                                       data stream's state_dict(), handed back on resume)
     model_config                       ModelConfig.to_dict() as trained (ep_size may be > 1)
     tokenizer, zero_stage, world_size  what reading the files needs
     dtype                              "fp32" | "bf16" | "fp16"
@@ -35,7 +37,7 @@ format_version the same way.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from marjara.errors import MarjaraError
@@ -52,6 +54,7 @@ UNIVERSAL_SUFFIX = "_universal"
 UNIVERSAL_DONE = "marjara_universal.ok"  # in a universal copy: the conversion finished
 REQUIRED_KEYS = ("step", "samples_consumed", "model_config", "tokenizer", "zero_stage", "world_size", "dtype")
 HALF_DTYPES = ("bf16", "fp16")
+DTYPES = ("fp32",) + HALF_DTYPES
 EMA_REPLICATED, EMA_ZERO3_SHARDS = "replicated", "zero3_shards"
 EMA_LAYOUTS = (EMA_REPLICATED, EMA_ZERO3_SHARDS)
 _TAG = re.compile(r"^global_step(\d+)$")
@@ -89,15 +92,134 @@ def expert_file_name(layer: int, expert: int) -> str:
     return f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
 
 
-def meta_json(fields: dict) -> dict:
-    """The marjara.json content for `fields` (the schema's keys), stamped with FORMAT_VERSION."""
-    missing = [key for key in REQUIRED_KEYS if key not in fields]
-    if missing:
-        raise ValueError(f"checkpoint meta lacks {', '.join(missing)}")
-    return {VERSION_KEY: FORMAT_VERSION, **fields}
+def _is_int(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
-def read_meta(tag_dir: Path, fix: str) -> dict:
+def _is_ema(value) -> bool:
+    return (isinstance(value, dict) and isinstance(value.get("decay"), (int, float))
+            and not isinstance(value.get("decay"), bool) and value.get("layout") in EMA_LAYOUTS)
+
+
+# What each key's value must be: (test, the phrase an error line uses). None passes an optional key.
+_SCHEMA = {
+    "step": (lambda v: _is_int(v, 0), "a non-negative integer"),
+    "samples_consumed": (lambda v: _is_int(v, 0), "a non-negative integer"),
+    "tokens_seen": (lambda v: v is None or _is_int(v, 0), "a non-negative integer or null"),
+    "seq_len": (lambda v: v is None or _is_int(v, 1), "a positive integer or null"),
+    "model_config": (lambda v: isinstance(v, dict), "a JSON object"),
+    "tokenizer": (lambda v: isinstance(v, str) and v != "", "a tokenizer name"),
+    "zero_stage": (lambda v: _is_int(v, 0) and v <= 3, "a ZeRO stage 0-3"),
+    "world_size": (lambda v: _is_int(v, 1), "a positive integer"),
+    "dtype": (lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+    "train_args": (lambda v: v is None or isinstance(v, dict), "a JSON object or null"),
+    "ema": (lambda v: v is None or _is_ema(v), f"null or {{\"decay\": number, \"layout\": {' | '.join(EMA_LAYOUTS)}}}"),
+    FILES_KEY: (lambda v: v is None or isinstance(v, dict), "a JSON object"),
+}
+
+
+def _schema_problem(fields: dict) -> str | None:
+    """The first key whose value breaks the schema, as a phrase (None: all fit)."""
+    for key, (fits, expected) in _SCHEMA.items():
+        if key in fields and not fits(fields[key]):
+            shown = repr(fields[key])
+            return f"{key} is {shown if len(shown) <= 40 else 'a ' + type(fields[key]).__name__}, not {expected}"
+    return None
+
+
+@dataclass(frozen=True)
+class EmaMeta:
+    decay: float
+    layout: str  # one of EMA_LAYOUTS
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What every checkpoint of a run records that does not change while it trains."""
+
+    seq_len: int
+    model_config: dict  # ModelConfig.to_dict()
+    tokenizer: str
+    zero_stage: int
+    world_size: int
+    dtype: str
+    train_args: dict
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """marjara.json (the schema above); read and written only here, so every key is spelled once."""
+
+    step: int
+    samples_consumed: int
+    model_config: dict
+    tokenizer: str
+    zero_stage: int
+    world_size: int
+    dtype: str
+    tokens_seen: int | None = None  # None in checkpoints older than the key
+    seq_len: int | None = None
+    train_args: dict | None = None
+    ema: EmaMeta | None = None
+    files: dict | None = None  # the manifest; None until the save hashed the files, and in version 1
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        # A meta that breaks the schema is a bug in the writer: it stops before any file is written.
+        problem = _schema_problem(self.to_json())
+        if problem:
+            raise ValueError(f"checkpoint meta: {problem}")
+
+    @classmethod
+    def for_save(cls, step: int, data_state: dict, run: RunRecord, ema: EmaMeta | None) -> CheckpointMeta:
+        """The meta of a save at `step`; `data_state` is the data stream's state_dict(), whose
+        keys are marjara.json's own (samples_consumed), so resume hands them back unchanged."""
+        return cls(step=step, **data_state, tokens_seen=data_state["samples_consumed"] * run.seq_len,
+                   **asdict(run), ema=ema)
+
+    @property
+    def data_state(self) -> dict:
+        """What the data stream's load_state_dict() takes to continue where this checkpoint stood."""
+        return {"samples_consumed": self.samples_consumed}
+
+    @property
+    def model(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.model_config)
+
+    def to_json(self) -> dict:
+        """The file's content, keys in the order the trainer has always written them."""
+        fields = {VERSION_KEY: self.format_version, "step": self.step, "samples_consumed": self.samples_consumed,
+                  "tokens_seen": self.tokens_seen, "seq_len": self.seq_len, "model_config": self.model_config,
+                  "tokenizer": self.tokenizer, "zero_stage": self.zero_stage, "world_size": self.world_size,
+                  "dtype": self.dtype, "train_args": self.train_args,
+                  "ema": asdict(self.ema) if self.ema is not None else None}
+        if self.files is not None:
+            fields[FILES_KEY] = self.files
+        return fields
+
+    @classmethod
+    def from_json(cls, fields: dict, where: Path, fix: str) -> CheckpointMeta:
+        """Check `fields` (the content of `where`) against the schema; `fix` ends every error line."""
+        version = fields.get(VERSION_KEY)
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
+            raise MarjaraError(
+                f"{where} has {VERSION_KEY} {version!r}; this MARJARA reads checkpoints of version "
+                f"{' and '.join(map(str, READABLE_VERSIONS))} (use the MARJARA that wrote it)"
+            )
+        required = REQUIRED_KEYS + ((FILES_KEY,) if version >= 2 else ())
+        missing = [key for key in required if key not in fields]
+        if missing:
+            raise MarjaraError(f"{where} lacks {', '.join(missing)}; it was not written by MARJARA's trainer, {fix}")
+        problem = _schema_problem(fields)
+        if problem:
+            raise MarjaraError(f"{where}: {problem}; it was not written by MARJARA's trainer, {fix}")
+        ema = fields.get("ema")
+        # The schema's keys are the dataclass's fields; keys it does not know are not carried.
+        return cls(**{key: fields.get(key) for key in _SCHEMA if key != "ema"},
+                   ema=EmaMeta(float(ema["decay"]), ema["layout"]) if ema else None, format_version=version)
+
+
+def read_meta(tag_dir: Path, fix: str) -> CheckpointMeta:
     """tag_dir's marjara.json, checked against the schema; `fix` ends every error line."""
     path = tag_dir / META_FILE
     if not path.is_file():
@@ -105,18 +227,8 @@ def read_meta(tag_dir: Path, fix: str) -> dict:
             f"checkpoint {tag_dir} is incomplete: it has no {META_FILE} (rank 0 writes it last, after every "
             f"rank finished its files), or it is not MARJARA's; {fix}"
         )
-    meta = read_json_object(path, f"the save was interrupted, {fix}", f"it was not written by MARJARA's trainer, {fix}")
-    version = meta.get(VERSION_KEY)
-    if version not in READABLE_VERSIONS:
-        raise MarjaraError(
-            f"{path} has {VERSION_KEY} {version!r}; this MARJARA reads checkpoints of version "
-            f"{' and '.join(map(str, READABLE_VERSIONS))} (use the MARJARA that wrote it)"
-        )
-    required = REQUIRED_KEYS + ((FILES_KEY,) if version >= 2 else ())
-    missing = [key for key in required if key not in meta]
-    if missing:
-        raise MarjaraError(f"{path} lacks {', '.join(missing)}; it was not written by MARJARA's trainer, {fix}")
-    return meta
+    fields = read_json_object(path, f"the save was interrupted, {fix}", f"it was not written by MARJARA's trainer, {fix}")
+    return CheckpointMeta.from_json(fields, path, fix)
 
 
 @dataclass
@@ -125,7 +237,7 @@ class Checkpoint:
 
     ckpt_dir: Path
     tag: str
-    meta: dict
+    meta: CheckpointMeta
 
     @property
     def tag_dir(self) -> Path:
@@ -134,35 +246,29 @@ class Checkpoint:
     @property
     def config(self) -> ModelConfig:
         """The model config as trained (ep_size may be > 1)."""
-        return ModelConfig.from_dict(self.meta["model_config"])
+        return self.meta.model
 
     @property
     def zero_stage(self) -> int:
-        return int(self.meta["zero_stage"])
+        return self.meta.zero_stage
 
     @property
     def world_size(self) -> int:
-        return int(self.meta["world_size"])
+        return self.meta.world_size
 
     @property
     def half_precision(self) -> bool:
-        return self.meta["dtype"] in HALF_DTYPES
+        return self.meta.dtype in HALF_DTYPES
 
     @property
     def manifest(self) -> dict | None:
         """Size and checksum of every file of the tag; None for a version-1 checkpoint."""
-        return self.meta.get(FILES_KEY)
+        return self.meta.files
 
     @property
     def ema_layout(self) -> str | None:
         """The EMA layout, None when the run kept no EMA."""
-        ema = self.meta.get("ema")
-        if not ema:
-            return None
-        if ema.get("layout") not in EMA_LAYOUTS:
-            raise MarjaraError(f"{self.tag_dir / META_FILE} names EMA layout {ema.get('layout')!r}; "
-                               f"expected one of {', '.join(EMA_LAYOUTS)}")
-        return ema["layout"]
+        return self.meta.ema.layout if self.meta.ema else None
 
     def file(self, name: str) -> Path:
         path = self.tag_dir / name
@@ -180,7 +286,7 @@ class Checkpoint:
         return self.file(model_states_name(self.zero_stage, rank))
 
     def optim_states_file(self, rank: int) -> Path:
-        return self.file(optim_states_name(self.meta["dtype"], rank))
+        return self.file(optim_states_name(self.meta.dtype, rank))
 
     def expert_file(self, layer: int, expert: int) -> Path:
         return self.file(expert_file_name(layer, expert))

@@ -9,14 +9,15 @@ import random
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from marjara import distributed
-from marjara.checkpoint.format import (FILES_KEY, LATEST, META_FILE, UNIVERSAL_DONE, Checkpoint, complete_tags,
-                                       meta_json, rank_file_name, tag_for, universal_tag_for)
+from marjara.checkpoint.format import (LATEST, META_FILE, UNIVERSAL_DONE, CheckpointMeta, complete_tags,
+                                       rank_file_name, tag_for, universal_tag_for)
 from marjara.checkpoint.verify import build_manifest
 from marjara.errors import MarjaraError
 from marjara.fileio import atomic_path, write_json_atomic
@@ -55,11 +56,10 @@ def _barrier() -> None:
     distributed.barrier()
 
 
-def save(engine, out_dir: str | Path, step: int, meta: dict, rank_state: dict, keep_last: int) -> Path:
+def save(engine, out_dir: str | Path, meta: CheckpointMeta, rank_state: dict, keep_last: int) -> Path:
     """Save on every rank (a collective); returns the tag folder."""
-    meta = meta_json(meta)  # a meta short of the schema stops here, before any file is written
     out_dir = Path(out_dir)
-    tag = tag_for(step)
+    tag = tag_for(meta.step)
     tag_dir = out_dir / tag
     if _rank() == 0 and tag_dir.exists():
         _stop_naming(out_dir, tag)  # re-saving a step: it is incomplete until we finish again
@@ -69,9 +69,9 @@ def save(engine, out_dir: str | Path, step: int, meta: dict, rank_state: dict, k
         torch.save(rank_state, tmp)
     _barrier()
     # Every file is written (and still in the page cache): hash each once, on one rank.
-    meta[FILES_KEY] = build_manifest(tag_dir)
+    meta = replace(meta, files=build_manifest(tag_dir))
     if _rank() == 0:
-        write_json_atomic(tag_dir / META_FILE, meta)
+        write_json_atomic(tag_dir / META_FILE, meta.to_json())
         with atomic_path(out_dir / LATEST) as tmp:
             tmp.write_text(tag)
         rotate(out_dir, keep_last, keep=tag)
@@ -103,23 +103,23 @@ def rotate(out_dir: Path, keep_last: int, keep: str) -> None:
             shutil.rmtree(out_dir / universal_tag_for(tag), ignore_errors=True)
 
 
-def universal_tag(point: Checkpoint) -> str:
-    """Convert the checkpoint to DeepSpeed's universal format (once; rank 0) so that it loads on
-    another world size, and return the converted tag."""
-    tag = universal_tag_for(point.tag)
-    out = point.ckpt_dir / tag
+def universal_tag(ckpt_dir: Path, source_tag: str) -> str:
+    """Convert checkpoint ckpt_dir/source_tag to DeepSpeed's universal format (once; rank 0) so that
+    it loads on another world size, and return the converted tag."""
+    tag, tag_dir = universal_tag_for(source_tag), ckpt_dir / source_tag
+    out = ckpt_dir / tag
     done = out / UNIVERSAL_DONE
     error = None
     if _rank() == 0 and not done.exists():
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(point.tag_dir),
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
                "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
                "--inject_missing_state"]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             shutil.rmtree(out, ignore_errors=True)
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            error = f"converting {point.tag_dir} to a universal checkpoint failed ({last})"
+            error = f"converting {tag_dir} to a universal checkpoint failed ({last})"
         else:
             done.write_text("converted by deepspeed.checkpoint.ds_to_universal\n")
     # Every rank learns the outcome (the others would otherwise wait for rank 0 until the timeout).

@@ -99,9 +99,9 @@ class ZeroCheckpointReader:
         else:
             if half:
                 print(
-                    f"warning: {self.ckpt.tag_dir} is a ZeRO-0 {self.ckpt.meta['dtype']} checkpoint, whose fp32 master "
+                    f"warning: {self.ckpt.tag_dir} is a ZeRO-0 {self.ckpt.meta.dtype} checkpoint, whose fp32 master "
                     "weights carry no parameter names; exporting the module's "
-                    f"{self.ckpt.meta['dtype']} weights (those the forward pass used)",
+                    f"{self.ckpt.meta.dtype} weights (those the forward pass used)",
                     file=sys.stderr,
                 )
             yield from self.module_pieces(self.shapes)

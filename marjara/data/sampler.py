@@ -142,6 +142,10 @@ class TrainStream:
         self.samples_consumed = int(consumed)
         self._micro_step = 0  # a step interrupted midway is replayed from its start
 
+    def skip(self, samples: int) -> None:
+        """Step over the next `samples` global samples (--skip_samples), at a step boundary."""
+        self.load_state_dict({"samples_consumed": self.samples_consumed + samples})
+
 
 def validation_batches(dataset: TokenDataset, batch_size: int, n_batches: int, rank: int,
                        world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -2,8 +2,9 @@
 
 The stream's next batch is cut from the token files on the host while the device computes the
 current one (nothing waits on the device in between); on a GPU its tensors go through pinned
-memory with non_blocking copies, so the copy overlaps compute too. The position a checkpoint
-records is that of the batches handed out, not of the one fetched ahead, so resume is unchanged.
+memory with non_blocking copies, so the copy overlaps compute too. The state a checkpoint
+records (state_dict) is that of the batches handed out, not of the one fetched ahead, so resume
+is unchanged.
 """
 
 from __future__ import annotations
@@ -17,19 +18,19 @@ class DeviceBatches:
     def __init__(self, stream: TrainStream, device: torch.device) -> None:
         self.stream = stream
         self.device = torch.device(device)
-        self._ahead: tuple[torch.Tensor, torch.Tensor, int] | None = None
-        self._consumed = stream.samples_consumed
+        self._ahead: tuple[torch.Tensor, torch.Tensor, dict] | None = None
+        self._state = stream.state_dict()
 
-    def _fetch(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _fetch(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
         x, y = self.stream.next_micro_batch()
-        consumed = self.stream.samples_consumed
+        state = self.stream.state_dict()
         if self.device.type == "cuda":
             x, y = x.pin_memory(), y.pin_memory()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), consumed
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), state
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next micro-batch (x, y) on the device."""
-        x, y, self._consumed = self._ahead if self._ahead is not None else self._fetch()
+        x, y, self._state = self._ahead if self._ahead is not None else self._fetch()
         self._ahead = None
         return x, y
 
@@ -39,7 +40,21 @@ class DeviceBatches:
         if self._ahead is None:
             self._ahead = self._fetch()
 
+    def state_dict(self) -> dict:
+        """The stream's state after the batches handed out so far (what a checkpoint records)."""
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict() (a checkpoint's); a batch fetched ahead is dropped."""
+        self.stream.load_state_dict(state)
+        self._ahead, self._state = None, self.stream.state_dict()
+
+    def skip(self, samples: int) -> None:
+        """Step over the next `samples` global samples (--skip_samples)."""
+        self.stream.skip(samples)
+        self._ahead, self._state = None, self.stream.state_dict()
+
     @property
     def samples_consumed(self) -> int:
-        """The stream's position after the batches handed out so far (what a checkpoint records)."""
-        return self._consumed
+        """The global sample index the next step's data begins at."""
+        return self._state["samples_consumed"]

@@ -22,6 +22,7 @@ from torch import nn
 from marjara import distributed
 from marjara.checkpoint.format import EMA_REPLICATED as REPLICATED
 from marjara.checkpoint.format import EMA_ZERO3_SHARDS as ZERO3_SHARDS
+from marjara.checkpoint.format import EmaMeta
 from marjara.compat.deepspeed import zero3_persistent
 from marjara.compat.deepspeed_moe import expert_groups
 from marjara.compat.deepspeed_moe import local_experts as experts_held
@@ -85,8 +86,8 @@ class WeightEMA:
     def state_dict(self) -> dict:
         return {"ema": dict(self.values), "ema_shapes": dict(self.shapes)}
 
-    def meta(self) -> dict:
-        return {"decay": self.decay, "layout": self.layout}
+    def meta(self) -> EmaMeta:
+        return EmaMeta(self.decay, self.layout)
 
     @torch.no_grad()
     def load_own(self, state: dict) -> None:

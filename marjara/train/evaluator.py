@@ -23,12 +23,20 @@ def perplexity(loss: float) -> float:
 
 class Evaluator:
     """`sets`: (name, weight, this rank's batches) per validation set; one unnamed set of weight 1
-    for single-source data."""
+    for single-source data. maybe_validate() runs every `interval` steps and at `last_step`
+    (interval 0: never)."""
 
-    def __init__(self, engine, sets: list[tuple[str, float, list]], ema, report,
-                 moe_routing: str = "deterministic") -> None:
+    def __init__(self, engine, sets: list[tuple[str, float, list]], ema, report, moe_routing: str,
+                 interval: int, last_step: int) -> None:
         self.engine, self.sets, self.ema, self.report = engine, sets, ema, report
         self.moe_routing = moe_routing
+        self.interval, self.last_step = interval, last_step
+
+    def maybe_validate(self, step: int) -> float | None:
+        """Validate after optimizer step `step` if it is time; returns val/loss then, else None."""
+        if self.interval > 0 and (step % self.interval == 0 or step == self.last_step):
+            return self.run(step)
+        return None
 
     def loss(self) -> float:
         """The validation loss: the weighted total over the sets (a single source's own loss)."""

@@ -1,8 +1,9 @@
 """The Learner: the DeepSpeed engine around MarjaraModel, and the loop that trains it.
 
-The loop only steps and asks its collaborators: StepMeter (log lines), Evaluator (validation),
-Saver / Resume (checkpoints), StopRequests (SIGTERM/SIGINT), the EMA, and at the end
-verify_replicas and print_sample.
+The loop only steps; its collaborators decide their own timing: StepMeter.maybe_log (log lines),
+Evaluator.maybe_validate (validation), Checkpointer.maybe_save (checkpoints; it asks the
+NonFiniteGuard, which alone decides what a bad step is and when the run stops), StopRequests
+(SIGTERM/SIGINT), the EMA, and at the end verify_replicas and print_sample.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from marjara.model.expert_init import init_experts
 from marjara.train.allocator import active_allocator
 from marjara.train.batches import DeviceBatches
 from marjara.compat.deepspeed import engine_leaves_loss_unscaled, loss_for_backward, skipped_steps
+from marjara.checkpoint.format import RunRecord
 from marjara.train.build import build_engine, build_model, compile_model, model_config, quiet_libraries
+from marjara.train.checkpointer import Checkpointer
 from marjara.train.config import TrainConfig
 from marjara.train.ema import WeightEMA
 from marjara.train.evaluator import Evaluator
@@ -29,10 +32,8 @@ from marjara.errors import EXIT_NON_FINITE
 from marjara.train.metrics import Reporter, device_peak_tflops
 from marjara.train.nonfinite import NonFiniteGuard, stop_line
 from marjara.train.replicas import verify_replicas
-from marjara.train.resume import Resume
-from marjara.train.run_dir import METRICS_FILE, claim_agreed
+from marjara.train.run_dir import METRICS_FILE
 from marjara.train.sample import print_sample
-from marjara.train.saver import Saver
 from marjara.train.signals import StopRequests
 from marjara.train.step_metrics import StepMeter
 
@@ -44,8 +45,8 @@ class Learner:
         self.rank, self.world = rank(), world_size()
         quiet_libraries(self.rank)
         ds_config = cfg.engine_config(self.world)
-        resume = Resume(cfg.checkpoint.resume, cfg.optim.zero_stage, self.world, self.rank) if cfg.checkpoint.resume else None
-        self.resumed_from = resume.point if resume else None
+        self.checkpointer = checkpointer = Checkpointer(cfg.checkpoint.out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.save_interval, cfg.checkpoint.resume,
+                                                        cfg.optim.zero_stage)
 
         init = read_folder(cfg.model.init_from) if cfg.model.init_from else None
         tokenizer = init_from.data_tokenizer(init, cfg.data.source, cfg.data.tokenizer) if init else cfg.data.tokenizer
@@ -54,45 +55,44 @@ class Learner:
             init_from.check_data_tokenizer(init, self.data.tokenizer_name, self.data.description)
         self.config = init_from.init_model_config(init, cfg) if init else model_config(cfg, self.data.vocab_size)
         self.data.check_model_vocab(self.config.vocab_size)
-        if resume:
-            resume.check_compatible(self.config, self.data.tokenizer_name)
+        checkpointer.check_resume(self.config, self.data.tokenizer_name)
         # Every input is checked by now: a refused run has written nothing. One run per folder.
-        claim_agreed(cfg.checkpoint.out_dir, cfg.run.log_dir, self.resumed_from, cfg.checkpoint.overwrite, self.rank, self.world)
+        checkpointer.claim(cfg.run.log_dir, cfg.checkpoint.overwrite)
         self.report = Reporter(self.rank == 0, cfg.run.log_dir, Path(cfg.checkpoint.out_dir) / METRICS_FILE, cfg.optim.max_steps,
-                               resume.step if resume else 0, resumed=resume is not None)
+                               checkpointer.start_step, resumed=checkpointer.resumed_from is not None)
 
         torch.manual_seed(cfg.optim.seed)  # identical initial weights on every rank
         model = build_model(self.config, cfg.optim.grad_checkpointing, ds_config)
         if self.config.use_moe:
             # Distinct per expert-parallel rank, the same per replica.
             init_experts(model, cfg.optim.seed, bool(ds_config.get("use_data_before_expert_parallelism", False)))
-        if init and not resume:  # a resumed run has trained weights of its own
+        if init and checkpointer.resumed_from is None:  # a resumed run has trained weights of its own
             init_from.load_init_weights(model, init, ds_config)
             self.report.print(f"initialised from {init.describe()}")
-        self.engine, group_hparams = build_engine(model, cfg, resume.engine_config(ds_config) if resume else ds_config)
+        self.engine, group_hparams = build_engine(model, cfg, checkpointer.engine_config(ds_config))
         self.model = self.engine.module
         self.loss_unscaled = engine_leaves_loss_unscaled(self.engine)  # ZeRO-0 fp16: see compat
         self.ema = WeightEMA(self.model, cfg.optim.ema_decay, cfg.optim.zero_stage) if cfg.optim.ema_decay > 0 else None
-        self.step, samples_consumed = resume.load(self.engine, self.ema, group_hparams, self.report) if resume else (0, 0)
-        if cfg.run.skip_samples:
-            self.report.print(f"--skip_samples {cfg.run.skip_samples}: stepping over global samples {samples_consumed}.."
-                              f"{samples_consumed + cfg.run.skip_samples - 1}")
-            samples_consumed += cfg.run.skip_samples
-        self.guard = NonFiniteGuard(cfg.run.max_bad_steps, enabled=cfg.optim.mixed_precision != "fp16")
         self.batches = DeviceBatches(TrainStream(self.data.train, cfg.optim.seed, cfg.optim.batch_size, cfg.optim.grad_accum,
-                                                 self.rank, self.world, samples_consumed), self.engine.device)
+                                                 self.rank, self.world), self.engine.device)
+        self.guard = NonFiniteGuard(cfg.run.max_bad_steps, enabled=cfg.optim.mixed_precision != "fp16", report=self.report)
+        run = RunRecord(seq_len=cfg.data.seq_len, model_config=self.config.to_dict(), tokenizer=self.data.tokenizer_name,
+                        zero_stage=cfg.optim.zero_stage, world_size=self.world, dtype=cfg.optim.mixed_precision,
+                        train_args=cfg.plain_values())
+        self.step = checkpointer.start(self.engine, self.ema, self.batches, self.guard, self.report, run,
+                                       group_hparams)
+        if cfg.run.skip_samples:
+            consumed = self.batches.samples_consumed
+            self.report.print(f"--skip_samples {cfg.run.skip_samples}: stepping over global samples {consumed}.."
+                              f"{consumed + cfg.run.skip_samples - 1}")
+            self.batches.skip(cfg.run.skip_samples)
         val_sets = ([(name, weight, validation_batches(dataset, cfg.optim.batch_size, cfg.run.eval_batches, self.rank, self.world))
                      for name, weight, dataset in self.data.validation_sets()] if cfg.run.eval_interval > 0 else [])
         if cfg.optim.compile:
             compile_model(self.engine, self.config, self.report)
-
-        self.evaluator = Evaluator(self.engine, val_sets, self.ema, self.report, cfg.model.moe_eval_routing)
-        run_meta = {"seq_len": cfg.data.seq_len, "model_config": self.config.to_dict(), "tokenizer": self.data.tokenizer_name,
-                    "zero_stage": cfg.optim.zero_stage, "world_size": self.world, "dtype": cfg.optim.mixed_precision,
-                    "train_args": cfg.plain_values()}
-        self.saver = Saver(self.engine, cfg.checkpoint.out_dir, cfg.checkpoint.keep_last, run_meta, self.ema, self.report,
-                           last_saved=self.step if resume else -1)
-        self.meter: StepMeter | None = None
+        self.evaluator = Evaluator(self.engine, val_sets, self.ema, self.report, cfg.model.moe_eval_routing,
+                                   cfg.run.eval_interval, cfg.optim.max_steps)
+        self.meter: StepMeter | None = None  # built when fit() starts: it measures the device's peak
 
     def fit(self) -> int:
         """Train to max_steps, or until SIGTERM/SIGINT (then save and stop); returns the exit code."""
@@ -103,25 +103,19 @@ class Learner:
                 skipped_before, first_sample = skipped_steps(self.engine), self.batches.samples_consumed
                 self.train_step()
                 self.step += 1
-                last = self.step == cfg.optim.max_steps
                 # The one host sync of the step: the stop signal and the non-finite flag, agreed together.
                 signum, loss_bad = stop.agreed_with(self.guard.take_loss_flag())
-                if self.guard.end_step(self.step, first_sample, skipped_steps(self.engine) > skipped_before, loss_bad):
-                    self._report_bad_step()
+                self.guard.end_step(self.step, first_sample, skipped_steps(self.engine) > skipped_before, loss_bad)
                 if self.guard.must_stop:  # every rank agrees; the run ends the usual way, with exit code 3
                     return self._stop_non_finite()
                 if self.ema is not None:
                     self.ema.update()
-                self.report.advance()
-                self.meter.end_step(self.step, log=self.step % cfg.run.log_interval == 0 or last)
-                if cfg.run.eval_interval > 0 and (self.step % cfg.run.eval_interval == 0 or last):
-                    self.evaluator.run(self.step)
-                # Not in the middle of a non-finite streak: `latest` keeps naming the last good step.
-                if cfg.checkpoint.save_interval > 0 and self.step % cfg.checkpoint.save_interval == 0 and not self.guard.in_a_row:
-                    self.saver.save(self.step, self.batches.samples_consumed)
+                self.meter.maybe_log(self.step)
+                self.evaluator.maybe_validate(self.step)
+                self.checkpointer.maybe_save(self.step)
                 if signum:
                     return self._stop(signum)
-            self.saver.save_unless_saved(self.step, self.batches.samples_consumed)
+            self.checkpointer.save_unless_saved(self.step)
             verify_replicas(self.model, self.world, cfg.optim.zero_stage, self.report)
             print_sample(self.model, self.data.tokenizer, self.config.max_seq_len, cfg.run.sample_tokens, cfg.optim.seed,
                          self.report)
@@ -162,23 +156,19 @@ class Learner:
             samples = cfg.optim.max_steps * cfg.optim.batch_size * cfg.optim.grad_accum * self.world
             self.report.print(f"mixture: {self.data.train.summary(samples)}")
         return StepMeter(self.engine, self.model, self.report, self.world, tokens_per_step,
-                         self.model.flops_per_token(cfg.data.seq_len), peak, cfg.optim.mixed_precision, cfg.optim.zero_stage)
-
-    def _report_bad_step(self) -> None:
-        g = self.guard
-        self.report.log(self.step, {"train/non_finite_steps": g.total})
-        self.report.print(f"step {self.step:>6} | non-finite loss or gradient norm: update skipped "
-                          f"({g.in_a_row} in a row of at most {g.max_bad_steps}, {g.total} in this run)")
+                         self.model.flops_per_token(cfg.data.seq_len), peak, cfg.optim.mixed_precision, cfg.optim.zero_stage,
+                         cfg.run.log_interval, cfg.optim.max_steps)
 
     def _stop_non_finite(self) -> int:
         if self.rank == 0:
-            line = stop_line(self.guard, self.step, self.batches.samples_consumed, self.cfg.checkpoint.out_dir, self.resumed_from)
+            line = stop_line(self.guard, self.step, self.batches.samples_consumed, self.cfg.checkpoint.out_dir,
+                             self.checkpointer.resumed_from)
             print(f"error: {line}", file=sys.stderr, flush=True)
         self.report.close()
         return EXIT_NON_FINITE
 
     def _stop(self, signum: int) -> int:
-        self.saver.save_unless_saved(self.step, self.batches.samples_consumed)
+        self.checkpointer.save_unless_saved(self.step)
         self.report.print(f"{signal.Signals(signum).name}: saved checkpoint at step {self.step} in {self.cfg.checkpoint.out_dir}; "
                           f"continue with --resume {self.cfg.checkpoint.out_dir}")
         self.report.close()

@@ -42,10 +42,13 @@ class GuardedAdamW(torch.optim.AdamW):
 
 @dataclass
 class NonFiniteGuard:
-    """Counts non-finite steps; `bad_in_a_row >= max_bad_steps` means the run must stop."""
+    """The policy for non-finite steps: which step is bad (end_step), when the run must stop
+    (`in_a_row >= max_bad_steps`) and when a save may happen (allows_save). `report`, if given,
+    logs and shows each bad step."""
 
     max_bad_steps: int
     enabled: bool = True
+    report: object | None = field(default=None, repr=False)
     total: int = 0
     in_a_row: int = 0
     first_bad_step: int | None = None       # of the current streak
@@ -82,11 +85,20 @@ class NonFiniteGuard:
         if self.in_a_row == 0:
             self.first_bad_step, self.first_bad_sample = step, first_sample
         self.in_a_row += 1
+        if self.report is not None:
+            self.report.log(step, {"train/non_finite_steps": self.total})
+            self.report.print(f"step {step:>6} | non-finite loss or gradient norm: update skipped "
+                              f"({self.in_a_row} in a row of at most {self.max_bad_steps}, {self.total} in this run)")
         return True
 
     @property
     def must_stop(self) -> bool:
         return self.enabled and self.in_a_row >= self.max_bad_steps
+
+    @property
+    def allows_save(self) -> bool:
+        """Not in the middle of a non-finite streak: `latest` keeps naming the last good step."""
+        return self.in_a_row == 0
 
 
 def all_finite(tensors) -> bool:
@@ -111,10 +123,10 @@ def stop_line(guard: NonFiniteGuard, step: int, samples_now: int, out_dir: str, 
     out = Path(out_dir)
     tag = latest_tag(out) if is_checkpoint_dir(out) else None
     if tag is not None and (out / tag).is_dir():
-        done = read_meta(out / tag, "")["samples_consumed"]
+        done = read_meta(out / tag, "").samples_consumed
         return (f"{what}; {out_dir}/{LATEST} still names {tag}: to step over the data that blew up, resume with "
                 f"--resume {out_dir} --skip_samples {samples_now - done}")
     if resumed_from is not None:
         return (f"{what}; to step over the data that blew up, resume with --resume {resumed_from.tag_dir} "
-                f"--skip_samples {samples_now - resumed_from.meta['samples_consumed']}")
+                f"--skip_samples {samples_now - resumed_from.meta.samples_consumed}")
     return f"{what}; no checkpoint exists yet: start again with --overwrite --skip_samples {samples_now}"

@@ -1,4 +1,5 @@
-"""One run per output folder.
+"""What a run folder holds of an earlier run, clearing it, and trimming the metrics of one resumed
+(the decision, with every rank agreeing, is the Checkpointer's claim()).
 
 A fresh run (no --resume) into a folder that holds another run's checkpoints, metrics or events
 stops with one line: continue that run with --resume, pick another --out_dir, or --overwrite,
@@ -61,18 +62,6 @@ def clear(out_dir: str, log_dir: str) -> None:
             events.unlink()
 
 
-def claim(out_dir: str, log_dir: str, resuming: bool, overwrite: bool) -> None:
-    """Refuse or clear a folder holding another run (single process; the Learner does the same
-    with every rank agreeing)."""
-    if resuming:
-        return
-    found = previous_run(Path(out_dir), Path(log_dir))
-    if found and not overwrite:
-        raise refuse(out_dir, found)
-    if found:
-        clear(out_dir, log_dir)
-
-
 def continue_metrics(out_dir: str, resume_step: int) -> None:
     """Keep the records of metrics.jsonl up to the step a run resumes from (rank 0)."""
     path = Path(out_dir) / METRICS_FILE
@@ -88,23 +77,3 @@ def continue_metrics(out_dir: str, resume_step: int) -> None:
             kept.append(line)
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))
-
-
-def claim_agreed(out_dir: str, log_dir: str, resumed_from, overwrite: bool, rank: int, world: int) -> None:
-    """claim() for a multi-rank run: every rank reads the same folder and comes to the same answer
-    (a refusal is raised on all of them, printed by rank 0); rank 0 alone clears the folder
-    (--overwrite) or trims the metrics of the run it continues."""
-    from marjara import distributed
-    from marjara.errors import AgreedError
-
-    same_run = resumed_from is not None and Path(out_dir).resolve() == resumed_from.ckpt_dir.resolve()
-    found = [] if same_run else previous_run(Path(out_dir), Path(log_dir))
-    if found and not overwrite:
-        raise AgreedError(str(refuse(out_dir, found)))
-    if overwrite:
-        distributed.barrier()  # every rank has looked before rank 0 deletes
-        if found and rank == 0:
-            clear(out_dir, log_dir)
-        distributed.barrier()
-    if same_run and rank == 0:
-        continue_metrics(out_dir, resumed_from.meta["step"])

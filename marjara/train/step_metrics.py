@@ -1,6 +1,7 @@
 """What each log line and tensorboard say about training: loss, lr, throughput, MFU, gradient norm,
 fp16 loss scale and skipped steps, MoE load, averaged over the steps since the last line and over
-the ranks. Nothing here reads the device between log lines: the sums stay where the loss is."""
+the ranks; a line every `log_interval` steps and at the last. Nothing here reads the device
+between log lines: the sums stay where the loss is."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from marjara.train.metrics import mfu_report
 
 class StepMeter:
     def __init__(self, engine, model, report, world: int, tokens_per_step: int, flops_per_token: float, peak: float,
-                 precision: str, zero_stage: int) -> None:
+                 precision: str, zero_stage: int, log_interval: int, last_step: int) -> None:
         self.engine, self.model, self.report, self.world = engine, model, report, world
+        self.log_interval, self.last_step = log_interval, last_step
         self.tokens_per_step, self.flops_per_token, self.peak, self.precision = (tokens_per_step, flops_per_token,
                                                                                  peak, precision)
         config = model.config
@@ -46,9 +48,11 @@ class StepMeter:
         self.sums = values if self.sums is None else self.sums + values
         self.expert_counts = output.expert_counts
 
-    def end_step(self, step: int, log: bool) -> None:
+    def maybe_log(self, step: int) -> None:
+        """After optimizer step `step`: advance the progress bar; log a line if it is time."""
+        self.report.advance()
         self.window_steps += 1
-        if log:
+        if step % self.log_interval == 0 or step == self.last_step:
             elapsed = time.perf_counter() - self.window_start
             self._log(step, self.sums / self.window_steps, self.tokens_per_step * self.window_steps / elapsed)
             self.sums = None
