@@ -109,6 +109,17 @@ def test_no_import_cycle_among_marjara_modules():
             visit(module, [module])
 
 
+COMMANDS = {f"marjara.{verb}" for verb in ("convert", "generate", "prepare", "evaluate", "plan", "preflight")}
+
+
+def test_no_module_imports_a_command():
+    """Commands parse their flags and call in; their work lives in the rooms, where other modules
+    reach it. A module importing a command imports a parser instead of the work."""
+    assert COMMANDS <= set(modules())
+    importers = {name: sorted(targets & COMMANDS) for name, targets in import_graph().items() if targets & COMMANDS}
+    assert importers == {}, f"these modules import commands: {importers}"
+
+
 def test_the_model_package_imports_nothing_of_training_checkpoints_launchers_or_evaluation():
     forbidden = ("marjara.train", "marjara.checkpoint", "marjara.launch", "marjara.eval", "marjara.distributed")
     for name, targets in import_graph().items():
