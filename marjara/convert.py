@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     shard_size = None
     if args.format == "hf":
-        from marjara.checkpoint.export_hf import parse_size
+        from marjara.hf.export import parse_size
 
         shard_size = parse_size(args.max_shard_size)
     out = convert(args.ckpt_dir, args.out_dir, tag=args.tag, ema=args.ema, dtype=DTYPE_FLAGS[args.dtype],

@@ -120,12 +120,50 @@ def test_no_module_imports_a_command():
     assert importers == {}, f"these modules import commands: {importers}"
 
 
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through the modules it imports."""
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph[todo.pop()] - seen:
+            seen.add(target)
+            todo.append(target)
+    return seen
+
+
+def in_room(name: str, room: str) -> bool:
+    return name == room or name.startswith(room + ".")
+
+
 def test_the_model_package_imports_nothing_of_training_checkpoints_launchers_or_evaluation():
+    """Not even through another room: the model reads Hugging Face folders through marjara.hf,
+    whose readers must then keep to the same rule."""
     forbidden = ("marjara.train", "marjara.checkpoint", "marjara.launch", "marjara.eval", "marjara.distributed")
-    for name, targets in import_graph().items():
-        if name == "marjara.model" or name.startswith("marjara.model."):
-            wrong = sorted(t for t in targets if t.startswith(forbidden))
+    graph = import_graph()
+    for name in graph:
+        if in_room(name, "marjara.model"):
+            wrong = sorted(t for t in reachable(graph, name) if any(in_room(t, room) for room in forbidden))
             assert not wrong, f"{name} imports {', '.join(wrong)}"
+
+
+def test_the_hugging_face_room_reads_on_its_own_and_writes_with_the_export_writers():
+    """marjara.hf maps, reads and writes the transformers layout; only its writer uses checkpoint/'s
+    export machinery (the output-folder check, weight pieces, the streaming safetensors writer)."""
+    writers = {"marjara.checkpoint.export", "marjara.checkpoint.pieces", "marjara.checkpoint.safetensors_writer"}
+    forbidden = ("marjara.train", "marjara.launch", "marjara.eval", "marjara.distributed")
+    for name, targets in import_graph().items():
+        if in_room(name, "marjara.hf"):
+            wrong = {t for t in targets if any(in_room(t, room) for room in forbidden)}
+            checkpoint = {t for t in targets if in_room(t, "marjara.checkpoint")}
+            wrong |= checkpoint - (writers if name == "marjara.hf.export" else set())
+            assert not wrong, f"{name} imports {', '.join(sorted(wrong))}"
+
+
+def test_the_hugging_face_layout_lives_in_one_room():
+    """Every module that names a transformers-only file or config key is in marjara.hf, apart from
+    model/pretrained.py, which names every exported file (both layouts) and dispatches on them."""
+    for token in ("tokenizer_config", "Qwen3ForCausalLM", "model_type", "safetensors.index"):
+        assert {name for name in modules_naming(token) if not in_room(name, "marjara.hf")} <= {
+            "marjara.model.pretrained"}, token
 
 
 def test_the_import_checks_see_lazy_and_relative_imports():

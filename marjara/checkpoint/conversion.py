@@ -96,7 +96,7 @@ class FolderWeights:
 
 
 def folder_weights(path: str | os.PathLike) -> FolderWeights:
-    from marjara.model.hf_layout import source_shapes
+    from marjara.hf.layout import source_shapes
 
     folder = read_folder(path)
     if folder.tokenizer is None:
@@ -127,7 +127,7 @@ def convert(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tag: str | 
     else:
         weights = checkpoint_weights(ckpt_dir, tag, ema)
     if format == "hf":
-        from marjara.checkpoint.export_hf import DEFAULT_MAX_SHARD_SIZE, write_hf_export
+        from marjara.hf.export import DEFAULT_MAX_SHARD_SIZE, write_hf_export
 
         out = write_hf_export(out_dir, weights.config, weights.tokenizer, weights.source, weights.pieces(), dtype,
                               weights.describe(), overwrite, max_shard_size or DEFAULT_MAX_SHARD_SIZE)

@@ -13,6 +13,7 @@ from marjara.checkpoint.pieces import Piece, whole
 from marjara.checkpoint.safetensors_writer import write_pieces
 from marjara.errors import MarjaraError
 from marjara.fileio import atomic_path, filling_dir, write_json_atomic
+from marjara.hf.reader import is_hf_config
 from marjara.model.config import ModelConfig
 from marjara.model.param_names import TIED_HEAD
 from marjara.model.pretrained import CONFIG_FILE, DTYPES, FORMAT, WEIGHTS_FILE, export_config
@@ -34,7 +35,7 @@ def check_out_dir(out_dir: Path, new_config: dict, overwrite: bool) -> None:
         old = None
     if isinstance(old, dict) and old == json.loads(json.dumps(new_config)):
         return
-    is_model = isinstance(old, dict) and (old.get("format") == FORMAT or "model_type" in old)
+    is_model = isinstance(old, dict) and (old.get("format") == FORMAT or is_hf_config(old))
     what = "a different model" if is_model else "other files"
     raise MarjaraError(f"{out_dir} already holds {what}; pass --overwrite to replace it, or choose another folder")
 

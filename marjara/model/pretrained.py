@@ -1,5 +1,5 @@
 """Reading exported models, no DeepSpeed needed: MARJARA's own format (below) and the Hugging Face
-Qwen3 / Qwen3-MoE layout (model/hf_reader.py), told apart by their config.json.
+Qwen3 / Qwen3-MoE layout (marjara/hf/reader.py), told apart by their config.json.
 
 MARJARA's format: OUT_DIR/model.safetensors + OUT_DIR/config.json,
 
@@ -22,7 +22,7 @@ import torch
 
 from marjara.errors import MarjaraError
 from marjara.fileio import read_json_object
-from marjara.model import hf_reader
+from marjara.hf import reader as hf_reader
 from marjara.model.config import ModelConfig
 from marjara.model.param_names import EXPERT_PATTERN, TIED_HEAD, check_matches, global_param_name
 
@@ -30,7 +30,7 @@ FORMAT = "marjara"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-# The Hugging Face layout (model/hf_reader.py) shares these two names; above a shard size it
+# The Hugging Face layout (marjara/hf/reader.py) shares these two names; above a shard size it
 # splits the weights into model-0000K-of-0000N.safetensors, listed in this index.
 HF_INDEX_FILE = "model.safetensors.index.json"
 HF_GENERATION_CONFIG_FILE = "generation_config.json"
@@ -184,7 +184,7 @@ def load_weights(model, folder: ExportedFolder, ep_rank: int = 0) -> None:
     if folder.layout == FORMAT:
         check_matches(expected, shapes, str(folder.path / WEIGHTS_FILE), "export the model again")
     else:
-        from marjara.model.hf_layout import source_shapes
+        from marjara.hf.layout import source_shapes
 
         check_matches(expected, source_shapes(config), folder.describe(), "its config.json does not describe this model")
     with torch.no_grad():

@@ -15,7 +15,6 @@ from marjara.errors import MarjaraError
 from marjara.model.ffn import MoEFeedForward, SwiGLU
 from marjara.model.head import OutputHead
 from marjara.model.param_names import is_expert_param
-from marjara.model.pretrained import load_weights, read_folder, set_dtype
 from marjara.model.rope import RotaryEmbedding
 
 
@@ -163,6 +162,9 @@ class MarjaraModel(nn.Module):
     def from_pretrained(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         """The model exported in path (python -m marjara.convert, save_pretrained; MARJARA's format or
         the Hugging Face Qwen3 / Qwen3-MoE layout), strictly loaded, in eval mode (dtype None: as stored)."""
+        # Imported here: the readers use marjara.hf, whose modules import marjara.model (this package).
+        from marjara.model.pretrained import load_weights, read_folder, set_dtype
+
         folder = read_folder(path)
         model = cls(folder.config)
         load_weights(model, folder)

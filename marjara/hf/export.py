@@ -8,7 +8,7 @@ with no custom code (Qwen3ForCausalLM / Qwen3MoeForCausalLM).
     generation_config.json            end-of-text as bos/eos/pad
     tokenizer.json, tokenizer_config.json
 
-Weights stream from the source's pieces through model/hf_layout.py into the shard files, so
+Weights stream from the source's pieces through hf/layout.py into the shard files, so
 memory stays near the existing converter's. config.json is removed first and written last: a
 folder with a config.json always holds matching weights.
 """
@@ -26,13 +26,13 @@ import torch
 from marjara.checkpoint.export import check_out_dir
 from marjara.checkpoint.pieces import Piece
 from marjara.checkpoint.safetensors_writer import write_files
-from marjara.data.hf_tokenizer import tokenizer_config, write_tokenizer_json
 from marjara.data.tokenizer import get_tokenizer
 from marjara.errors import MarjaraError
 from marjara.fileio import atomic_path, filling_dir, write_json_atomic
+from marjara.hf.config import to_hf_config
+from marjara.hf.layout import HfLayout, hf_shapes
+from marjara.hf.tokenizer import tokenizer_config, write_tokenizer_json
 from marjara.model.config import ModelConfig
-from marjara.model.hf_config import to_hf_config
-from marjara.model.hf_layout import HfLayout, hf_shapes
 from marjara.model.param_names import TIED_HEAD
 from marjara.model.pretrained import (CONFIG_FILE, dtype_name, HF_GENERATION_CONFIG_FILE, HF_INDEX_FILE as INDEX_FILE,
                                       HF_TOKENIZER_CONFIG_FILE, HF_TOKENIZER_FILE, WEIGHTS_FILE as SINGLE_FILE,

@@ -10,9 +10,9 @@ from typing import Iterator
 import torch
 
 from marjara.errors import MarjaraError
+from marjara.hf.config import MARJARA_KEY, from_hf_config
+from marjara.hf.layout import HfLayout, Triple, hf_shapes
 from marjara.model.config import ModelConfig
-from marjara.model.hf_config import MARJARA_KEY, from_hf_config
-from marjara.model.hf_layout import HfLayout, Triple, hf_shapes
 from marjara.model.param_names import TIED_HEAD, check_matches
 
 
