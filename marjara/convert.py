@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from marjara.checkpoint.conversion import FORMATS, convert, summary
+from marjara.dtypes import WEIGHT_FLAGS
 from marjara.errors import cli_entry
-
-DTYPE_FLAGS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m marjara.convert", description=__doc__.splitlines()[0])
@@ -31,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(Qwen3 / Qwen3-MoE) that transformers loads")
     parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step1000 (default: the 'latest' one)")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the trained ones")
-    parser.add_argument("--dtype", choices=sorted(DTYPE_FLAGS), default="fp32", help="dtype of the exported weights")
+    parser.add_argument("--dtype", choices=sorted(WEIGHT_FLAGS), default="fp32", help="dtype of the exported weights")
     parser.add_argument("--max_shard_size", default="5GB",
                         help="--format hf: weights above this size are split into shards with an index file")
     parser.add_argument("--overwrite", action="store_true", help="replace a different model already in OUT_DIR")
@@ -46,7 +42,7 @@ def main(argv=None) -> int:
         from marjara.hf.export import parse_size
 
         shard_size = parse_size(args.max_shard_size)
-    out = convert(args.ckpt_dir, args.out_dir, tag=args.tag, ema=args.ema, dtype=DTYPE_FLAGS[args.dtype],
+    out = convert(args.ckpt_dir, args.out_dir, tag=args.tag, ema=args.ema, dtype=WEIGHT_FLAGS[args.dtype],
                   overwrite=args.overwrite, format=args.format, max_shard_size=shard_size)
     print(summary(out, args.format))
     return 0

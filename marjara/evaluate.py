@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+from marjara.dtypes import WEIGHT_FLAGS
 from marjara.errors import cli_entry
 
 
@@ -23,7 +24,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, or task YAML files")
     parser.add_argument("--tag", default=None, help="checkpoint folders only: the tag to convert (default: latest)")
     parser.add_argument("--ema", action="store_true", help="checkpoint folders only: use the EMA weights")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="weights' dtype (default: as exported)")
+    parser.add_argument("--dtype", choices=list(WEIGHT_FLAGS), default=None, help="weights' dtype (default: as exported)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch_size", default="16", help="sequences per forward pass")
     return parser.parse_known_args(argv)

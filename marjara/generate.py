@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
+from marjara.dtypes import WEIGHT_FLAGS
 from marjara.errors import cli_entry
-
-DTYPE_FLAGS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m marjara.generate", description=__doc__.splitlines()[0])
@@ -34,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tag", default=None, help="checkpoint folders only: the tag to convert (default: latest)")
     parser.add_argument("--ema", action="store_true", help="checkpoint folders only: use the EMA weights")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=sorted(DTYPE_FLAGS), default=None,
+    parser.add_argument("--dtype", choices=sorted(WEIGHT_FLAGS), default=None,
                         help="weights' dtype (default: as exported; a checkpoint: fp32)")
     return parser.parse_args(argv)
 
@@ -46,7 +42,7 @@ def main(argv=None) -> int:
 
     generate_from(args.model, args.prompt, args.prompt_file, args.max_new_tokens, args.temperature, args.top_k,
                   args.top_p, args.seed, tag=args.tag, ema=args.ema, device=args.device,
-                  dtype=DTYPE_FLAGS[args.dtype] if args.dtype else None)
+                  dtype=WEIGHT_FLAGS[args.dtype] if args.dtype else None)
     return 0
 
 

@@ -208,3 +208,25 @@ def test_the_internals_check_sees_a_private_use():
     tree = ast.parse("from deepspeed.utils import groups\ndef f():\n    return groups._get_expert_parallel_rank('x')\n")
     assert private_library_uses(tree) == ["groups..._get_expert_parallel_rank"]
     assert private_library_uses(ast.parse("import os\nos._exit(0)\n")) == []
+
+
+TORCH_DTYPES = {"float32", "bfloat16", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"}
+
+
+def dtype_tables(tree: ast.Module) -> int:
+    """Dict literals with a torch dtype (torch.bfloat16, ...) as a key or a value."""
+    def is_dtype(node) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr in TORCH_DTYPES and isinstance(node.value, ast.Name)
+                and node.value.id == "torch")
+
+    return sum(1 for node in ast.walk(tree) if isinstance(node, ast.Dict)
+               and any(is_dtype(n) for n in [*node.keys, *node.values] if n is not None))
+
+
+def test_dtype_names_are_mapped_in_one_module():
+    assert {name for name, tree in modules().items() if dtype_tables(tree)} == {"marjara.dtypes"}
+
+
+def test_the_dtype_check_sees_a_table():
+    assert dtype_tables(ast.parse('D = {"bf16": torch.bfloat16}\n')) == 1
+    assert dtype_tables(ast.parse('D = {"bf16": "bfloat16"}\n')) == 0

@@ -27,6 +27,7 @@ from marjara.checkpoint.export import check_out_dir
 from marjara.checkpoint.pieces import Piece
 from marjara.checkpoint.safetensors_writer import write_files
 from marjara.data.tokenizer import get_tokenizer
+from marjara.dtypes import export_name
 from marjara.errors import MarjaraError
 from marjara.fileio import atomic_path, filling_dir, write_json_atomic
 from marjara.hf.config import to_hf_config
@@ -34,7 +35,7 @@ from marjara.hf.layout import HfLayout, hf_shapes
 from marjara.hf.tokenizer import tokenizer_config, write_tokenizer_json
 from marjara.model.config import ModelConfig
 from marjara.model.param_names import TIED_HEAD
-from marjara.model.pretrained import (CONFIG_FILE, dtype_name, HF_GENERATION_CONFIG_FILE, HF_INDEX_FILE as INDEX_FILE,
+from marjara.model.pretrained import (CONFIG_FILE, HF_GENERATION_CONFIG_FILE, HF_INDEX_FILE as INDEX_FILE,
                                       HF_TOKENIZER_CONFIG_FILE, HF_TOKENIZER_FILE, WEIGHTS_FILE as SINGLE_FILE,
                                       hf_record)
 
@@ -84,7 +85,7 @@ def write_hf_export(out_dir: str | os.PathLike, config: ModelConfig, tokenizer_n
                     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write the folder; everything that can be refused (the architecture, the tokenizer, the output
     folder) is checked before the first byte is written."""
-    dtype_label = dtype_name(dtype)
+    dtype_label = export_name(dtype)
     config = config.replace(ep_size=1)
     tokenizer = get_tokenizer(tokenizer_name)
     if tokenizer.vocab_size > config.vocab_size:

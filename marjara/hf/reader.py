@@ -9,6 +9,7 @@ from typing import Iterator
 
 import torch
 
+from marjara.dtypes import TORCH_NAMES
 from marjara.errors import MarjaraError
 from marjara.hf.config import MARJARA_KEY, from_hf_config
 from marjara.hf.layout import HfLayout, Triple, hf_shapes
@@ -32,7 +33,7 @@ def hf_tokenizer_name(info: dict) -> str | None:
 
 def hf_dtype(info: dict) -> torch.dtype:
     name = info.get("dtype") or info.get("torch_dtype") or "float32"
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+    return TORCH_NAMES.get(name, torch.float32)
 
 
 def weight_files(index: Path, single: Path) -> dict[str, Path]:

@@ -15,6 +15,7 @@ import torch
 
 from marjara.data import TrainStream, open_data, validation_batches
 from marjara.distributed import ensure_process_group, rank, world_size
+from marjara.dtypes import PRECISIONS
 from marjara.model.pretrained import read_folder
 from marjara.train import init_from
 from marjara.model.expert_init import init_experts
@@ -148,7 +149,7 @@ class Learner:
         """Print the run's start line; returns the meter of its steps."""
         cfg = self.cfg
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.world * cfg.seq_len
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+        dtype = PRECISIONS.get(cfg.mixed_precision, torch.float32)
         peak, peak_source = device_peak_tflops(cfg.peak_tflops, dtype)
         self.report.print(
             f"world_size={self.world} zero_stage={cfg.zero_stage} precision={cfg.mixed_precision} "
