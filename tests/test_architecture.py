@@ -230,3 +230,18 @@ def test_dtype_names_are_mapped_in_one_module():
 def test_the_dtype_check_sees_a_table():
     assert dtype_tables(ast.parse('D = {"bf16": torch.bfloat16}\n')) == 1
     assert dtype_tables(ast.parse('D = {"bf16": "bfloat16"}\n')) == 0
+
+
+def json_parsers(tree: ast.Module) -> int:
+    return sum(1 for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+               and node.func.attr in ("load", "loads") and isinstance(node.func.value, ast.Name)
+               and node.func.value.id == "json")
+
+
+def test_json_object_files_are_read_by_one_reader():
+    """marjara.fileio.read_json_object (and its parse_json_object) gives every JSON file the same
+    one-line errors. JSON *lines* are another matter, each line a record: prepare's .jsonl inputs
+    (errors name the line) and metrics.jsonl (a line cut by a crash is dropped). checkpoint/export
+    only normalises a config it built (tuples to lists) by a round trip."""
+    readers = {name for name, tree in modules().items() if json_parsers(tree)}
+    assert readers == {"marjara.fileio", "marjara.data.documents", "marjara.train.run_dir", "marjara.checkpoint.export"}

@@ -13,7 +13,7 @@ from marjara.checkpoint.pieces import Piece, whole
 from marjara.checkpoint.safetensors_writer import write_pieces
 from marjara.dtypes import EXPORT_NAMES
 from marjara.errors import MarjaraError
-from marjara.fileio import atomic_path, filling_dir, write_json_atomic
+from marjara.fileio import atomic_path, filling_dir, read_json_object, write_json_atomic
 from marjara.hf.reader import is_hf_config
 from marjara.model.config import ModelConfig
 from marjara.model.param_names import TIED_HEAD
@@ -31,8 +31,8 @@ def check_out_dir(out_dir: Path, new_config: dict, overwrite: bool) -> None:
         return
     config_path = out_dir / CONFIG_FILE
     try:
-        old = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        old = read_json_object(config_path, "")
+    except MarjaraError:  # no readable config.json: whatever the folder holds is not this model
         old = None
     if isinstance(old, dict) and old == json.loads(json.dumps(new_config)):
         return

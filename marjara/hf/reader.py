@@ -3,7 +3,6 @@ file, or shards listed in an index) one tensor at a time. The file names are mod
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -11,6 +10,7 @@ import torch
 
 from marjara.dtypes import TORCH_NAMES
 from marjara.errors import MarjaraError
+from marjara.fileio import read_json_object
 from marjara.hf.config import MARJARA_KEY, from_hf_config
 from marjara.hf.layout import HfLayout, Triple, hf_shapes
 from marjara.model.config import ModelConfig
@@ -42,10 +42,7 @@ def weight_files(index: Path, single: Path) -> dict[str, Path]:
 
     path = index.parent
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise MarjaraError(f"{index} is not a safetensors index ({exc}); save the model again") from None
+        weight_map = read_json_object(index, "save the model again").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise MarjaraError(f"{index} is not a safetensors index (its weight_map is not an object of tensor "
                                "name -> file name); save the model again")
