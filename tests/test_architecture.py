@@ -245,3 +245,22 @@ def test_json_object_files_are_read_by_one_reader():
     only normalises a config it built (tuples to lists) by a round trip."""
     readers = {name for name, tree in modules().items() if json_parsers(tree)}
     assert readers == {"marjara.fileio", "marjara.data.documents", "marjara.train.run_dir", "marjara.checkpoint.export"}
+
+
+COMMAND_ENTRY_POINTS = {"main", "parse_args", "build_parser"}
+
+
+def test_each_public_function_and_class_name_is_defined_once():
+    """Two read_meta or two expert_parallel_rank in different rooms read as one thing and are two;
+    a name says what it does across the whole package. Commands' entry points are alike by design."""
+    defined: dict[str, list[str]] = {}
+    for name, tree in modules().items():
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                defined.setdefault(node.name, []).append(name)
+    twice = {n: where for n, where in defined.items() if len(where) > 1 and n not in COMMAND_ENTRY_POINTS}
+    assert twice == {}
+
+
+def test_one_module_is_called_ds_config():
+    assert [name for name in modules() if name.rpartition(".")[2] == "ds_config"] == ["marjara.train.ds_config"]

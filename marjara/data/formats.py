@@ -44,7 +44,7 @@ def meta_path_for(bin_path: Path) -> Path | None:
     return None
 
 
-def read_meta(path: Path) -> dict:
+def read_token_meta(path: Path) -> dict:
     """Load and validate a meta.json; every problem is one MarjaraError line naming the file."""
     meta = read_json_object(path, "re-run python -m marjara.prepare")
     version = meta.get("format_version", FORMAT_VERSION)
@@ -64,7 +64,7 @@ def token_file_info(bin_path: Path) -> TokenFileInfo:
     meta_path = meta_path_for(bin_path)
     if meta_path is None:
         return TokenFileInfo(RAW_BIN_DTYPE, RAW_BIN_TOKENIZER, None, None, None)
-    meta = read_meta(meta_path)
+    meta = read_token_meta(meta_path)
     return TokenFileInfo(meta["dtype"], meta["tokenizer"], meta["vocab_size"], meta_path, meta)
 
 

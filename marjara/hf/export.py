@@ -71,7 +71,9 @@ def shard_names(count: int) -> list[str]:
     return [SINGLE_FILE] if count == 1 else [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
 
 
-def hf_pieces(config: ModelConfig, pieces: Iterable[Piece]) -> Iterator[Piece]:
+def to_hf_pieces(config: ModelConfig, pieces: Iterable[Piece]) -> Iterator[Piece]:
+    """MARJARA pieces (any split, as ZeRO partitions cut them) as pieces of the Hugging Face tensors;
+    a tensor the config does not describe is refused."""
     layout = HfLayout(config)
     for piece in pieces:
         if piece.name not in layout.maps:
@@ -107,7 +109,7 @@ def write_hf_export(out_dir: str | os.PathLike, config: ModelConfig, tokenizer_n
         write_json_atomic(out_dir / HF_TOKENIZER_CONFIG_FILE, tokenizer_config(tokenizer_name, config.max_seq_len))
         with contextlib.ExitStack() as stack:
             temps = [stack.enter_context(atomic_path(out_dir / name)) for name in names]
-            write_files(dict(zip(temps, shards)), hf_pieces(config, pieces), dtype, source_description,
+            write_files(dict(zip(temps, shards)), to_hf_pieces(config, pieces), dtype, source_description,
                         metadata={"format": "pt"})
         if len(shards) > 1:
             total = sum(shape.numel() * itemsize for shard in shards for shape in shard.values())

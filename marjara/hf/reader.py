@@ -81,7 +81,7 @@ def hf_shapes_on_disk(files: dict[str, Path]) -> dict[str, torch.Size]:
     return shapes
 
 
-def hf_pieces(files: dict[str, Path], config: ModelConfig, path: Path) -> tuple[dict[str, torch.Size], Iterator[Triple]]:
+def stored_pieces(files: dict[str, Path], config: ModelConfig, path: Path) -> tuple[dict[str, torch.Size], Iterator[Triple]]:
     """(the tensor shapes of `files` (weight_files), checked against `config`; pieces of MARJARA
     tensors under export names, one stored tensor at a time). A tied head stored anyway is skipped."""
     from safetensors import safe_open

@@ -118,7 +118,7 @@ def _hf_weight_files(path: Path) -> dict[str, Path]:
 def folder_pieces(folder: ExportedFolder) -> tuple[dict[str, torch.Size], Iterator[tuple[str, int, torch.Tensor]]]:
     """(stored shapes, pieces (export name, offset, flat values) one stored tensor at a time)."""
     if folder.layout == "hf":
-        return hf_reader.hf_pieces(_hf_weight_files(folder.path), folder.config, folder.path)
+        return hf_reader.stored_pieces(_hf_weight_files(folder.path), folder.config, folder.path)
     from safetensors import SafetensorError, safe_open
 
     weights = folder.path / WEIGHTS_FILE

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from marjara.planner.ds_config import write_config
+from marjara.planner.write_config import write_config
 from marjara.planner.inputs import setup_from_args
 from marjara.planner.recommend import recommend
 from marjara.planner.report import as_json, describe, recommendation_text, table_text
