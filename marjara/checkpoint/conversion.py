@@ -23,6 +23,8 @@ from marjara.checkpoint.pieces import Piece, assemble
 from marjara.checkpoint.verify import check_checkpoint
 from marjara.checkpoint.zero_reader import ZeroCheckpointReader
 from marjara.errors import MarjaraError
+from marjara.hf.config import MARJARA_KEY
+from marjara.hf.layout import source_shapes
 from marjara.model.config import ModelConfig
 from marjara.model.param_names import TIED_HEAD, check_matches
 from marjara.model.pretrained import (CONFIG_FILE, export_config, folder_pieces, is_pretrained_dir,
@@ -96,13 +98,11 @@ class FolderWeights:
 
 
 def folder_weights(path: str | os.PathLike) -> FolderWeights:
-    from marjara.hf.layout import source_shapes
-
     folder = read_folder(path)
     if folder.tokenizer is None:
         raise MarjaraError(f"{path} was not exported by MARJARA: its config.json names no MARJARA tokenizer, "
                            "so no exported folder can say how to read its token ids")
-    record = folder.info.get("marjara") if folder.layout == "hf" else folder.info
+    record = folder.info.get(MARJARA_KEY) if folder.layout == "hf" else folder.info
     shapes = source_shapes(folder.config) if folder.layout == "hf" else folder_pieces(folder)[0]
 
     def pieces() -> Iterator[Piece]:

@@ -11,6 +11,7 @@ from typing import TextIO
 
 import torch
 
+from marjara.checkpoint.conversion import load_checkpoint_model
 from marjara.checkpoint.format import LATEST, is_checkpoint_dir, is_tag_dir, open_checkpoint
 from marjara.data.tokenizer import Tokenizer, get_tokenizer
 from marjara.distributed import ensure_process_group
@@ -62,8 +63,6 @@ def load_for_inference(path: str | os.PathLike, tag: str | None = None, ema: boo
         if uses_moe:
             ensure_process_group()  # DeepSpeed's MoE layers need one; this process may have none yet
         if is_checkpoint:
-            from marjara.checkpoint.conversion import load_checkpoint_model
-
             model, tokenizer_name = load_checkpoint_model(folder, tag=tag, ema=ema, device=device, dtype=dtype)
         else:
             tokenizer_name = read_folder(folder).tokenizer
