@@ -36,7 +36,7 @@ def measure(tool: str, ckpt: str, out: str) -> None:
     """Child process: convert once with `tool`, print {"seconds", "peak_mib", "output_mib"} as JSON."""
     from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
 
-    from marjara.convert import convert
+    from marjara.checkpoint.conversion import convert
 
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     baseline = memory_kib("VmRSS")

@@ -33,6 +33,7 @@ import marjara  # noqa: E402,F401
 from marjara.train.allocator import active_allocator, find_tcmalloc  # noqa: E402
 from marjara.model.config import PRESETS, ModelConfig  # noqa: E402
 from marjara.distributed import ensure_process_group, exit_now, rank, shutdown, world_size  # noqa: E402
+from marjara.dtypes import PRECISIONS  # noqa: E402
 from marjara.train.config import TrainConfig  # noqa: E402
 from marjara.train.engine import initialize_engine  # noqa: E402
 from marjara.train.metrics import device_peak_tflops, mfu_report  # noqa: E402
@@ -148,7 +149,7 @@ def throughput(args) -> dict:
     """The engine-vs-plain table, under whichever malloc this process has; returns the medians."""
     ensure_process_group()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
+    dtype = PRECISIONS.get(args.precision, torch.float32)
     peak, source = device_peak_tflops(args.peak_tflops, dtype)
     model = build(args.preset)
     flops_per_token = model.flops_per_token(args.seq_len)

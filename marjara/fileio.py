@@ -1,4 +1,5 @@
-"""Atomic file and folder writes: an interrupted run never leaves something that looks complete."""
+"""Atomic file and folder writes (an interrupted run never leaves something that looks complete),
+and the one reader of JSON-object files."""
 
 from __future__ import annotations
 
@@ -107,17 +108,29 @@ def filling_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def read_json_object(path: Path, bad_json_fix: str, not_object_fix: str) -> dict:
+def read_json_object(path: str | os.PathLike, bad_json_fix: str, not_object_fix: str | None = None,
+                     what: str = "") -> dict:
     """The JSON object in `path`; one-line errors (ending in the given fixes) for an unreadable
-    file, invalid JSON or another JSON value."""
+    file, invalid JSON or another JSON value. `what` names the file's role before its path
+    ("DeepSpeed config ds.json is not valid JSON ...")."""
+    where = f"{what} {path}" if what else str(path)
     try:
-        value = json.loads(path.read_text())
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise MarjaraError(f"cannot read {path} ({exc.strerror or exc}); {bad_json_fix}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MarjaraError(f"{path} is not valid JSON ({exc}); {bad_json_fix}") from None
+        raise MarjaraError(f"cannot read {where} ({exc.strerror or exc}); {bad_json_fix}") from None
+    except UnicodeDecodeError as exc:
+        raise MarjaraError(f"{where} is not valid JSON ({exc}); {bad_json_fix}") from None
+    return parse_json_object(text, where, bad_json_fix, not_object_fix or bad_json_fix)
+
+
+def parse_json_object(text: str, where: str, bad_json_fix: str, not_object_fix: str) -> dict:
+    """read_json_object's check for JSON text already in hand; `where` names it in the errors."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MarjaraError(f"{where} is not valid JSON ({exc}); {bad_json_fix}") from None
     if not isinstance(value, dict):
-        raise MarjaraError(f"{path} is not a JSON object; {not_object_fix}")
+        raise MarjaraError(f"{where} is not a JSON object; {not_object_fix}")
     return value
 
 

@@ -109,12 +109,61 @@ def test_no_import_cycle_among_marjara_modules():
             visit(module, [module])
 
 
+COMMANDS = {f"marjara.{verb}" for verb in ("convert", "generate", "prepare", "evaluate", "plan", "preflight")}
+
+
+def test_no_module_imports_a_command():
+    """Commands parse their flags and call in; their work lives in the rooms, where other modules
+    reach it. A module importing a command imports a parser instead of the work."""
+    assert COMMANDS <= set(modules())
+    importers = {name: sorted(targets & COMMANDS) for name, targets in import_graph().items() if targets & COMMANDS}
+    assert importers == {}, f"these modules import commands: {importers}"
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through the modules it imports."""
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph[todo.pop()] - seen:
+            seen.add(target)
+            todo.append(target)
+    return seen
+
+
+def in_room(name: str, room: str) -> bool:
+    return name == room or name.startswith(room + ".")
+
+
 def test_the_model_package_imports_nothing_of_training_checkpoints_launchers_or_evaluation():
+    """Not even through another room: the model reads Hugging Face folders through marjara.hf,
+    whose readers must then keep to the same rule."""
     forbidden = ("marjara.train", "marjara.checkpoint", "marjara.launch", "marjara.eval", "marjara.distributed")
-    for name, targets in import_graph().items():
-        if name == "marjara.model" or name.startswith("marjara.model."):
-            wrong = sorted(t for t in targets if t.startswith(forbidden))
+    graph = import_graph()
+    for name in graph:
+        if in_room(name, "marjara.model"):
+            wrong = sorted(t for t in reachable(graph, name) if any(in_room(t, room) for room in forbidden))
             assert not wrong, f"{name} imports {', '.join(wrong)}"
+
+
+def test_the_hugging_face_room_reads_on_its_own_and_writes_with_the_export_writers():
+    """marjara.hf maps, reads and writes the transformers layout; only its writer uses checkpoint/'s
+    export machinery (the output-folder check, weight pieces, the streaming safetensors writer)."""
+    writers = {"marjara.checkpoint.export", "marjara.checkpoint.pieces", "marjara.checkpoint.safetensors_writer"}
+    forbidden = ("marjara.train", "marjara.launch", "marjara.eval", "marjara.distributed")
+    for name, targets in import_graph().items():
+        if in_room(name, "marjara.hf"):
+            wrong = {t for t in targets if any(in_room(t, room) for room in forbidden)}
+            checkpoint = {t for t in targets if in_room(t, "marjara.checkpoint")}
+            wrong |= checkpoint - (writers if name == "marjara.hf.export" else set())
+            assert not wrong, f"{name} imports {', '.join(sorted(wrong))}"
+
+
+def test_the_hugging_face_layout_lives_in_one_room():
+    """Every module that names a transformers-only file or config key is in marjara.hf, apart from
+    model/pretrained.py, which names every exported file (both layouts) and dispatches on them."""
+    for token in ("tokenizer_config", "Qwen3ForCausalLM", "model_type", "safetensors.index"):
+        assert {name for name in modules_naming(token) if not in_room(name, "marjara.hf")} <= {
+            "marjara.model.pretrained"}, token
 
 
 def test_the_import_checks_see_lazy_and_relative_imports():
@@ -303,3 +352,59 @@ def test_the_deepspeed_checks_see_internal_names_however_they_are_reached():
         "deepspeed.utils.logger", "deepspeed.utils.logger.setLevel"]
     assert sorted(a for a in engine_attributes(tree) if a not in ENGINE_PUBLIC) == ["get_lr", "skipped_steps"]
     assert sorted(internal_attributes(tree)) == ["ds_persist", "get_lr", "group_name", "skipped_steps"]
+
+
+TORCH_DTYPES = {"float32", "bfloat16", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"}
+
+
+def dtype_tables(tree: ast.Module) -> int:
+    """Dict literals with a torch dtype (torch.bfloat16, ...) as a key or a value."""
+    def is_dtype(node) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr in TORCH_DTYPES and isinstance(node.value, ast.Name)
+                and node.value.id == "torch")
+
+    return sum(1 for node in ast.walk(tree) if isinstance(node, ast.Dict)
+               and any(is_dtype(n) for n in [*node.keys, *node.values] if n is not None))
+
+
+def test_dtype_names_are_mapped_in_one_module():
+    assert {name for name, tree in modules().items() if dtype_tables(tree)} == {"marjara.dtypes"}
+
+
+def test_the_dtype_check_sees_a_table():
+    assert dtype_tables(ast.parse('D = {"bf16": torch.bfloat16}\n')) == 1
+    assert dtype_tables(ast.parse('D = {"bf16": "bfloat16"}\n')) == 0
+
+
+def json_parsers(tree: ast.Module) -> int:
+    return sum(1 for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+               and node.func.attr in ("load", "loads") and isinstance(node.func.value, ast.Name)
+               and node.func.value.id == "json")
+
+
+def test_json_object_files_are_read_by_one_reader():
+    """marjara.fileio.read_json_object (and its parse_json_object) gives every JSON file the same
+    one-line errors. JSON *lines* are another matter, each line a record: prepare's .jsonl inputs
+    (errors name the line) and metrics.jsonl (a line cut by a crash is dropped). checkpoint/export
+    only normalises a config it built (tuples to lists) by a round trip."""
+    readers = {name for name, tree in modules().items() if json_parsers(tree)}
+    assert readers == {"marjara.fileio", "marjara.data.documents", "marjara.train.run_dir", "marjara.checkpoint.export"}
+
+
+COMMAND_ENTRY_POINTS = {"main", "parse_args", "build_parser"}
+
+
+def test_each_public_function_and_class_name_is_defined_once():
+    """Two read_meta or two expert_parallel_rank in different rooms read as one thing and are two;
+    a name says what it does across the whole package. Commands' entry points are alike by design."""
+    defined: dict[str, list[str]] = {}
+    for name, tree in modules().items():
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                defined.setdefault(node.name, []).append(name)
+    twice = {n: where for n, where in defined.items() if len(where) > 1 and n not in COMMAND_ENTRY_POINTS}
+    assert twice == {}
+
+
+def test_one_module_is_called_ds_config():
+    assert [name for name in modules() if name.rpartition(".")[2] == "ds_config"] == ["marjara.train.ds_config"]

@@ -54,6 +54,11 @@ def _case_ds(config):
     return lambda tmp: _train("--deepspeed_config", _ds_json(tmp, config), "--out_dir", str(tmp / "out"))
 
 
+def _case_ds_not_utf8(tmp):
+    (tmp / "ds.json").write_bytes(b'{"bf16": {"enabled": \xff}}')
+    return _train("--deepspeed_config", str(tmp / "ds.json"), "--out_dir", str(tmp / "out"))
+
+
 def _case_out_dir_is_a_file(tmp):
     (tmp / "afile").write_text("x")
     return _train("--out_dir", str(tmp / "afile"))
@@ -153,6 +158,9 @@ CASES = {
                                  "ds.json: unknown top-level key 'gradient_clip'; did you mean 'gradient_clipping'?"),
     "ds_range_inside_block": (_case_ds({"zero_optimization": {"stage": 2, "reduce_bucket_size": -5}}),
                               '"zero_optimization.reduce_bucket_size": Input should be greater than 0 (got -5)'),
+    "ds_config_not_utf8": (_case_ds_not_utf8, "ds.json is not valid JSON ('utf-8' codec can't decode byte 0xff"),
+    "ds_config_a_list": (lambda tmp: _train("--deepspeed_config", _ds_json(tmp, [1]), "--out_dir", str(tmp / "out")),
+                         "ds.json is not a JSON object; it must hold DeepSpeed's settings"),
     "out_dir_is_a_file": (_case_out_dir_is_a_file, "afile is a file, not a folder"),
     "fresh_run_into_another_runs_folder": (_case_fresh_run_into_another_runs_folder,
                                            "ck holds another run (latest, 1 checkpoint tag(s) (global_step20 ...), "

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from checkpoint_runs import ROOT, STEPS, checkpoint, engine_logits
 from engine_logits import fixed_batch
 from train_helpers import ema_weights
-from marjara.convert import convert
+from marjara.checkpoint.conversion import convert
 from marjara.model import MarjaraModel
 from marjara.model.pretrained import CONFIG_FILE, WEIGHTS_FILE
 

@@ -222,7 +222,7 @@ def test_meta_token_count_catches_truncation(tmp_path):
 
 
 @pytest.mark.parametrize("meta, message", [
-    ("{not json", "cannot read it as JSON"),
+    ("{not json", r"meta.json is not valid JSON \(.*\); re-run python -m marjara.prepare"),
     ('{"dtype": "uint16", "tokenizer": "bytes"}', "field 'vocab_size' is missing"),
     ('{"dtype": "int8", "tokenizer": "bytes", "vocab_size": 257}', "dtype 'int8' is not one of uint16, uint32"),
     ('{"dtype": "uint16", "tokenizer": "cl100k_base", "vocab_size": 100277}', "does not fit dtype uint16"),

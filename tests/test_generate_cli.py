@@ -11,8 +11,9 @@ import torch
 
 from checkpoint_runs import checkpoint
 from marjara.model.config import ModelConfig
-from marjara.convert import convert
-from marjara.generate import SEPARATOR, TextStream, main
+from marjara.checkpoint.conversion import convert
+from marjara.checkpoint.inference import SEPARATOR, TextStream
+from marjara.generate import main
 from marjara.model import MarjaraModel
 from marjara.checkpoint.export import save_pretrained
 from marjara.data.tokenizer import get_tokenizer

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from checkpoint_runs import ROOT, checkpoint, engine_logits
-from marjara.convert import load_checkpoint_model
+from marjara.checkpoint.conversion import load_checkpoint_model
 
 transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("process_group")]  # MoE models need one

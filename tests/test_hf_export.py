@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from marjara.checkpoint.export import save_pretrained
-from marjara.checkpoint.export_hf import parse_size, plan_shards, save_pretrained_hf, write_hf_export
+from marjara.hf.export import parse_size, plan_shards, save_pretrained_hf, write_hf_export
 from marjara.checkpoint.pieces import Piece
 from marjara.errors import MarjaraError
 from marjara.model import MarjaraModel
 from marjara.model.config import ModelConfig
-from marjara.model.hf_config import from_hf_config, to_hf_config
-from marjara.model.hf_layout import hf_shapes
+from marjara.hf.config import from_hf_config, to_hf_config
+from marjara.hf.layout import hf_shapes
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("process_group")  # the MoE models built here need one

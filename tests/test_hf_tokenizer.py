@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from marjara.data.hf_tokenizer import onig_pattern, tokenizer_config, write_tokenizer_json
+from marjara.hf.tokenizer import onig_pattern, tokenizer_config, write_tokenizer_json
 from marjara.data.tokenizer import get_tokenizer
 from marjara.errors import MarjaraError
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from marjara.checkpoint.export import save_pretrained
-from marjara.checkpoint.export_hf import save_pretrained_hf
+from marjara.hf.export import save_pretrained_hf
 from marjara.errors import MarjaraError
 from marjara.model import MarjaraModel
 from marjara.model.config import ModelConfig

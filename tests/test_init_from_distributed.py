@@ -56,7 +56,7 @@ def test_a_random_transformers_qwen3_trains_under_zero2_on_2_ranks(tmp_path):
 
 @pytest.mark.usefixtures("process_group")  # to build the MoE model exported here
 def test_an_exported_moe_model_trains_with_expert_parallelism(tmp_path):
-    from marjara.checkpoint.export_hf import save_pretrained_hf
+    from marjara.hf.export import save_pretrained_hf
 
     torch.manual_seed(0)
     model = MarjaraModel(ModelConfig.from_preset("tiny", vocab_size=320, use_moe=True, num_experts=4, top_k=1))

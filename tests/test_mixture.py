@@ -145,7 +145,7 @@ BAD_SPECS = {
     "no_mix_file": (["{tmp}/mix.json"], r"--data .*mix.json: no such mixture file"),
 }
 BAD_FILES = {
-    "not_json": ("{", r"cannot read it as JSON"),
+    "not_json": ("{", r"--data .*mix.json is not valid JSON \(.*\); fix the mixture file"),
     "list": ("[]", r"a mixture file holds one key, sources"),
     "extra_key": ('{"sources": [{"name": "w", "weight": 1, "path": "web", "seed": 3}]}',
                   r"source 1 must have exactly the keys name, weight and path"),

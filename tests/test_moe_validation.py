@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint_runs import COMMON, RUNS, STEPS, checkpoint, torchrun
-from marjara.convert import convert
+from marjara.checkpoint.conversion import convert
 from marjara.data import open_data, validation_batches
 from marjara.model import MarjaraModel
 from train_helpers import metrics

@@ -11,11 +11,13 @@ import torch
 
 from marjara.checkpoint.pieces import Piece, whole
 from marjara.checkpoint.safetensors_writer import write_pieces
+from marjara.dtypes import EXPORT_NAMES
 from marjara.errors import MarjaraError
-from marjara.fileio import atomic_path, filling_dir, write_json_atomic
+from marjara.fileio import atomic_path, filling_dir, read_json_object, write_json_atomic
+from marjara.hf.reader import is_hf_config
 from marjara.model.config import ModelConfig
 from marjara.model.param_names import TIED_HEAD
-from marjara.model.pretrained import CONFIG_FILE, DTYPES, FORMAT, WEIGHTS_FILE, export_config
+from marjara.model.pretrained import CONFIG_FILE, FORMAT, WEIGHTS_FILE, export_config
 
 
 def check_out_dir(out_dir: Path, new_config: dict, overwrite: bool) -> None:
@@ -29,12 +31,12 @@ def check_out_dir(out_dir: Path, new_config: dict, overwrite: bool) -> None:
         return
     config_path = out_dir / CONFIG_FILE
     try:
-        old = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        old = read_json_object(config_path, "")
+    except MarjaraError:  # no readable config.json: whatever the folder holds is not this model
         old = None
     if isinstance(old, dict) and old == json.loads(json.dumps(new_config)):
         return
-    is_model = isinstance(old, dict) and (old.get("format") == FORMAT or "model_type" in old)
+    is_model = isinstance(old, dict) and (old.get("format") == FORMAT or is_hf_config(old))
     what = "a different model" if is_model else "other files"
     raise MarjaraError(f"{out_dir} already holds {what}; pass --overwrite to replace it, or choose another folder")
 
@@ -48,7 +50,7 @@ def write_export(out_dir: str | os.PathLike, shapes: dict[str, torch.Size], piec
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir, config_json, overwrite)
-    dtype = DTYPES[config_json["dtype"]]
+    dtype = EXPORT_NAMES[config_json["dtype"]]
     with filling_dir(out_dir):
         with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
             write_pieces(tmp, shapes, pieces, dtype, source_description, metadata={"format": "pt"})

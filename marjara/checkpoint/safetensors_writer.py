@@ -17,13 +17,7 @@ from typing import Iterable
 import torch
 
 from marjara.checkpoint.pieces import Coverage, Piece
-
-DTYPE_NAMES = {
-    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
+from marjara.dtypes import SAFETENSORS_CODES
 
 def _layout(shapes: dict[str, torch.Size], dtype: torch.dtype, metadata: dict[str, str] | None):
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -33,7 +27,7 @@ def _layout(shapes: dict[str, torch.Size], dtype: torch.dtype, metadata: dict[st
     offsets, position = {}, 0
     for name, shape in shapes.items():
         size = shape.numel() * itemsize
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [position, position + size]}
+        header[name] = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(shape), "data_offsets": [position, position + size]}
         offsets[name] = position
         position += size
     encoded = json.dumps(header, separators=(",", ":")).encode()

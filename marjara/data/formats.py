@@ -6,13 +6,13 @@ A prepared folder holds `train.bin`, `val.bin` and `meta.json`. A lone `X.bin` m
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from marjara.errors import MarjaraError
+from marjara.fileio import read_json_object
 
 FORMAT_VERSION = 1
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
@@ -44,14 +44,9 @@ def meta_path_for(bin_path: Path) -> Path | None:
     return None
 
 
-def read_meta(path: Path) -> dict:
+def read_token_meta(path: Path) -> dict:
     """Load and validate a meta.json; every problem is one MarjaraError line naming the file."""
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MarjaraError(f"{path}: cannot read it as JSON ({exc}); re-run python -m marjara.prepare") from None
-    if not isinstance(meta, dict):
-        raise MarjaraError(f"{path}: must hold a JSON object; re-run python -m marjara.prepare")
+    meta = read_json_object(path, "re-run python -m marjara.prepare")
     version = meta.get("format_version", FORMAT_VERSION)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise MarjaraError(f"{path}: format_version {version!r} is newer than this marjara reads ({FORMAT_VERSION})")
@@ -69,7 +64,7 @@ def token_file_info(bin_path: Path) -> TokenFileInfo:
     meta_path = meta_path_for(bin_path)
     if meta_path is None:
         return TokenFileInfo(RAW_BIN_DTYPE, RAW_BIN_TOKENIZER, None, None, None)
-    meta = read_meta(meta_path)
+    meta = read_token_meta(meta_path)
     return TokenFileInfo(meta["dtype"], meta["tokenizer"], meta["vocab_size"], meta_path, meta)
 
 

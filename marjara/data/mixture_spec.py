@@ -13,13 +13,13 @@ file's folder. Names appear in metric tags (val/loss/<name>), so they are letter
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from marjara.errors import MarjaraError
+from marjara.fileio import read_json_object
 
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
 USAGE = "give one path, WEIGHT PATH pairs (--data 0.7 data/web 0.3 data/code) or a mixture file (--data mix.json)"
@@ -52,13 +52,11 @@ def parse_data_arg(values: str | list[str] | list[SourceSpec] | None) -> str | l
 def read_mix_file(path: Path) -> list[SourceSpec]:
     if not path.is_file():
         raise MarjaraError(f"--data {path}: no such mixture file; {USAGE}")
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MarjaraError(f"--data {path}: cannot read it as JSON ({exc})") from None
     example = '{"sources": [{"name": "web", "weight": 0.7, "path": "data/web"}, ...]}'
-    if not isinstance(spec, dict) or set(spec) != {"sources"} or not isinstance(spec["sources"], list):
-        raise MarjaraError(f"--data {path}: a mixture file holds one key, sources, e.g. {example}")
+    shape = f"a mixture file holds one key, sources, e.g. {example}"
+    spec = read_json_object(path, "fix the mixture file", shape, what="--data")
+    if set(spec) != {"sources"} or not isinstance(spec["sources"], list):
+        raise MarjaraError(f"--data {path}: {shape}")
     specs = []
     for i, entry in enumerate(spec["sources"]):
         where = f"--data {path}: source {i + 1}"

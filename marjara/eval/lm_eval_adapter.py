@@ -15,11 +15,12 @@ from lm_eval.models.utils import handle_stop_sequences
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from marjara.errors import MarjaraError
 from marjara.checkpoint.inference import load_for_inference
+from marjara.dtypes import weight_dtype_names
+from marjara.errors import MarjaraError
 from marjara.eval.scoring import continuation_logprobs, in_batches
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPES = weight_dtype_names()
 AUTO_BATCH_SIZE = 16
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from marjara.errors import MarjaraError
 from marjara.rules import Rule, above, at_least, fraction, one_of
+from marjara.fileio import parse_json_object
 
 # GQA defaults: tiny/small/medium share each K/V head between 2 query heads, large between 3.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -111,12 +112,8 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise MarjaraError(f"model config is not valid JSON ({exc}); fix or regenerate the file") from None
-        if not isinstance(values, dict):
-            raise MarjaraError("model config JSON must be an object of field: value pairs")
+        values = parse_json_object(text, "model config", "fix or regenerate the file",
+                                   "it must be an object of field: value pairs")
         return cls.from_dict(values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Reading exported models, no DeepSpeed needed: MARJARA's own format (below) and the Hugging Face
-Qwen3 / Qwen3-MoE layout (model/hf_reader.py), told apart by their config.json.
+Qwen3 / Qwen3-MoE layout (marjara/hf/reader.py), told apart by their config.json.
 
 MARJARA's format: OUT_DIR/model.safetensors + OUT_DIR/config.json,
 
@@ -20,9 +20,10 @@ from typing import Iterator
 
 import torch
 
+from marjara.dtypes import EXPORT_NAMES, export_name
 from marjara.errors import MarjaraError
 from marjara.fileio import read_json_object
-from marjara.model import hf_reader
+from marjara.hf import reader as hf_reader
 from marjara.model.config import ModelConfig
 from marjara.model.param_names import EXPERT_PATTERN, TIED_HEAD, check_matches, global_param_name
 
@@ -30,25 +31,14 @@ FORMAT = "marjara"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-# The Hugging Face layout (model/hf_reader.py) shares these two names; above a shard size it
+# The Hugging Face layout (marjara/hf/reader.py) shares these two names; above a shard size it
 # splits the weights into model-0000K-of-0000N.safetensors, listed in this index.
 HF_INDEX_FILE = "model.safetensors.index.json"
 HF_GENERATION_CONFIG_FILE = "generation_config.json"
 HF_TOKENIZER_FILE = "tokenizer.json"  # the `tokenizers` library's format
 HF_TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The name an export records for `dtype`; one line for a dtype no export holds."""
-    if dtype not in DTYPE_NAMES:
-        raise MarjaraError(f"cannot export weights as {dtype}; choose float32 or bfloat16")
-    return DTYPE_NAMES[dtype]
-
-
 def export_config(config: ModelConfig, tokenizer: str, source: dict | None, dtype: torch.dtype) -> dict:
-    name = dtype_name(dtype)
+    name = export_name(dtype)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -87,7 +77,7 @@ def _check_marjara_config(path: Path, info: dict) -> dict:
             f"{config_path} has format_version {info.get('format_version')!r}; this MARJARA reads "
             f"{FORMAT_VERSION} (upgrade MARJARA)"
         )
-    if info.get("dtype") not in DTYPES or not isinstance(info.get("model"), dict) or "tokenizer" not in info:
+    if info.get("dtype") not in EXPORT_NAMES or not isinstance(info.get("model"), dict) or "tokenizer" not in info:
         raise MarjaraError(f"{config_path} lacks a valid model, tokenizer or dtype; export the model again")
     if not (path / WEIGHTS_FILE).is_file():
         raise MarjaraError(f"{path} has {CONFIG_FILE} but no {WEIGHTS_FILE}; export the model again")
@@ -118,7 +108,7 @@ def read_folder(path: str | os.PathLike) -> ExportedFolder:
                               hf_reader.hf_tokenizer_name(info), hf_reader.hf_dtype(info), info)
     info = _check_marjara_config(path, info)
     config = ModelConfig.from_dict(info["model"]).replace(ep_size=1)
-    return ExportedFolder(path, FORMAT, config, info["tokenizer"], DTYPES[info["dtype"]], info)
+    return ExportedFolder(path, FORMAT, config, info["tokenizer"], EXPORT_NAMES[info["dtype"]], info)
 
 
 def _hf_weight_files(path: Path) -> dict[str, Path]:
@@ -128,7 +118,7 @@ def _hf_weight_files(path: Path) -> dict[str, Path]:
 def folder_pieces(folder: ExportedFolder) -> tuple[dict[str, torch.Size], Iterator[tuple[str, int, torch.Tensor]]]:
     """(stored shapes, pieces (export name, offset, flat values) one stored tensor at a time)."""
     if folder.layout == "hf":
-        return hf_reader.hf_pieces(_hf_weight_files(folder.path), folder.config, folder.path)
+        return hf_reader.stored_pieces(_hf_weight_files(folder.path), folder.config, folder.path)
     from safetensors import SafetensorError, safe_open
 
     weights = folder.path / WEIGHTS_FILE
@@ -184,7 +174,7 @@ def load_weights(model, folder: ExportedFolder, ep_rank: int = 0) -> None:
     if folder.layout == FORMAT:
         check_matches(expected, shapes, str(folder.path / WEIGHTS_FILE), "export the model again")
     else:
-        from marjara.model.hf_layout import source_shapes
+        from marjara.hf.layout import source_shapes
 
         check_matches(expected, source_shapes(config), folder.describe(), "its config.json does not describe this model")
     with torch.no_grad():

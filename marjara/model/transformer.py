@@ -17,7 +17,6 @@ from marjara.model.flops import training_flops_per_token
 from marjara.model.head import OutputHead
 from marjara.model.output import ModelOutput
 from marjara.model.param_names import is_expert_param
-from marjara.model.pretrained import load_weights, read_folder, set_dtype
 from marjara.model.rope import RotaryEmbedding
 
 
@@ -179,6 +178,9 @@ class MarjaraModel(nn.Module):
         """The model exported in path (python -m marjara.convert, save_pretrained; MARJARA's format or
         the Hugging Face Qwen3 / Qwen3-MoE layout), strictly loaded, in eval mode (dtype None: as
         stored). Built for inference: a MoE model needs no process group."""
+        # Imported here: the readers use marjara.hf, whose modules import marjara.model (this package).
+        from marjara.model.pretrained import load_weights, read_folder, set_dtype
+
         folder = read_folder(path)
         model = cls(folder.config, inference=True)
         load_weights(model, folder)

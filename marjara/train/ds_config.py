@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from marjara.errors import MarjaraError
+from marjara.fileio import read_json_object
 from marjara.train.ds_validate import check_top_level, check_with_deepspeed
 from marjara.train.settings import settings
 
@@ -40,12 +41,8 @@ def load_json_config(path: str | None) -> dict:
     file = Path(path)
     if not file.is_file():
         raise MarjaraError(f"DeepSpeed config {path} does not exist; pass an existing file such as ds_configs/zero2.json")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise MarjaraError(f"DeepSpeed config {path} is not valid JSON (line {exc.lineno}: {exc.msg}); fix the file") from None
-    if not isinstance(config, dict):
-        raise MarjaraError(f"DeepSpeed config {path} must hold a JSON object")
+    config = read_json_object(file, "fix the file", "it must hold DeepSpeed's settings, e.g. ds_configs/zero2.json",
+                              what="DeepSpeed config")
     check_top_level(config, path)
     return config
 

@@ -66,20 +66,13 @@ def check_data_tokenizer(folder: ExportedFolder, data_tokenizer_name: str, descr
         )
 
 
-def expert_parallel_rank(model: nn.Module, use_data_before_expert_parallelism: bool) -> int:
-    """This rank's expert-parallel rank (all MoE layers of a MarjaraModel share one ep_size)."""
-    from deepspeed.moe.layer import MoE
-
-    from marjara.compat.deepspeed_moe import expert_parallel_rank as layer_rank
-
-    for module in model.modules():
-        if isinstance(module, MoE):
-            return layer_rank(module, use_data_before_expert_parallelism)
-    return 0
-
-
 def load_init_weights(model: nn.Module, folder: ExportedFolder, ds_config: dict) -> None:
+    """The folder's weights into `model`; under expert parallelism, this rank's experts only (all
+    MoE layers of a MarjaraModel share one ep_size, so the first one's expert-parallel rank serves)."""
     ep_rank = 0
     if model.config.use_moe:
-        ep_rank = expert_parallel_rank(model, bool(ds_config.get("use_data_before_expert_parallelism", False)))
+        from marjara.compat.deepspeed_moe import expert_parallel_rank
+
+        first_moe = next(block.ffn.moe for block in model.blocks if block.is_moe)
+        ep_rank = expert_parallel_rank(first_moe, bool(ds_config.get("use_data_before_expert_parallelism", False)))
     load_weights(model, folder, ep_rank)

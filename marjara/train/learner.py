@@ -16,6 +16,7 @@ import torch
 
 from marjara.data import TrainStream, open_data, validation_batches
 from marjara.distributed import ensure_process_group, rank, world_size
+from marjara.dtypes import PRECISIONS
 from marjara.model.pretrained import read_folder
 from marjara.train import init_from
 from marjara.model.expert_init import init_experts
@@ -143,7 +144,7 @@ class Learner:
         """Print the run's start line; returns the meter of its steps."""
         cfg = self.cfg
         tokens_per_step = cfg.optim.batch_size * cfg.optim.grad_accum * self.world * cfg.data.seq_len
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.optim.mixed_precision, torch.float32)
+        dtype = PRECISIONS.get(cfg.optim.mixed_precision, torch.float32)
         peak, peak_source = device_peak_tflops(cfg.run.peak_tflops, dtype)
         self.report.print(
             f"world_size={self.world} zero_stage={cfg.optim.zero_stage} precision={cfg.optim.mixed_precision} "

@@ -8,7 +8,7 @@ with no custom code (Qwen3ForCausalLM / Qwen3MoeForCausalLM).
     generation_config.json            end-of-text as bos/eos/pad
     tokenizer.json, tokenizer_config.json
 
-Weights stream from the source's pieces through model/hf_layout.py into the shard files, so
+Weights stream from the source's pieces through hf/layout.py into the shard files, so
 memory stays near the existing converter's. config.json is removed first and written last: a
 folder with a config.json always holds matching weights.
 """
@@ -26,15 +26,16 @@ import torch
 from marjara.checkpoint.export import check_out_dir
 from marjara.checkpoint.pieces import Piece
 from marjara.checkpoint.safetensors_writer import write_files
-from marjara.data.hf_tokenizer import tokenizer_config, write_tokenizer_json
 from marjara.data.tokenizer import get_tokenizer
+from marjara.dtypes import export_name
 from marjara.errors import MarjaraError
 from marjara.fileio import atomic_path, filling_dir, write_json_atomic
+from marjara.hf.config import to_hf_config
+from marjara.hf.layout import HfLayout, hf_shapes
+from marjara.hf.tokenizer import tokenizer_config, write_tokenizer_json
 from marjara.model.config import ModelConfig
-from marjara.model.hf_config import to_hf_config
-from marjara.model.hf_layout import HfLayout, hf_shapes
 from marjara.model.param_names import TIED_HEAD
-from marjara.model.pretrained import (CONFIG_FILE, dtype_name, HF_GENERATION_CONFIG_FILE, HF_INDEX_FILE as INDEX_FILE,
+from marjara.model.pretrained import (CONFIG_FILE, HF_GENERATION_CONFIG_FILE, HF_INDEX_FILE as INDEX_FILE,
                                       HF_TOKENIZER_CONFIG_FILE, HF_TOKENIZER_FILE, WEIGHTS_FILE as SINGLE_FILE,
                                       hf_record)
 
@@ -70,7 +71,9 @@ def shard_names(count: int) -> list[str]:
     return [SINGLE_FILE] if count == 1 else [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
 
 
-def hf_pieces(config: ModelConfig, pieces: Iterable[Piece]) -> Iterator[Piece]:
+def to_hf_pieces(config: ModelConfig, pieces: Iterable[Piece]) -> Iterator[Piece]:
+    """MARJARA pieces (any split, as ZeRO partitions cut them) as pieces of the Hugging Face tensors;
+    a tensor the config does not describe is refused."""
     layout = HfLayout(config)
     for piece in pieces:
         if piece.name not in layout.maps:
@@ -84,7 +87,7 @@ def write_hf_export(out_dir: str | os.PathLike, config: ModelConfig, tokenizer_n
                     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write the folder; everything that can be refused (the architecture, the tokenizer, the output
     folder) is checked before the first byte is written."""
-    dtype_label = dtype_name(dtype)
+    dtype_label = export_name(dtype)
     config = config.replace(ep_size=1)
     tokenizer = get_tokenizer(tokenizer_name)
     if tokenizer.vocab_size > config.vocab_size:
@@ -106,7 +109,7 @@ def write_hf_export(out_dir: str | os.PathLike, config: ModelConfig, tokenizer_n
         write_json_atomic(out_dir / HF_TOKENIZER_CONFIG_FILE, tokenizer_config(tokenizer_name, config.max_seq_len))
         with contextlib.ExitStack() as stack:
             temps = [stack.enter_context(atomic_path(out_dir / name)) for name in names]
-            write_files(dict(zip(temps, shards)), hf_pieces(config, pieces), dtype, source_description,
+            write_files(dict(zip(temps, shards)), to_hf_pieces(config, pieces), dtype, source_description,
                         metadata={"format": "pt"})
         if len(shards) > 1:
             total = sum(shape.numel() * itemsize for shard in shards for shape in shard.values())

@@ -3,16 +3,17 @@ file, or shards listed in an index) one tensor at a time. The file names are mod
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from marjara.dtypes import TORCH_NAMES
 from marjara.errors import MarjaraError
+from marjara.fileio import read_json_object
+from marjara.hf.config import MARJARA_KEY, from_hf_config
+from marjara.hf.layout import HfLayout, Triple, hf_shapes
 from marjara.model.config import ModelConfig
-from marjara.model.hf_config import MARJARA_KEY, from_hf_config
-from marjara.model.hf_layout import HfLayout, Triple, hf_shapes
 from marjara.model.param_names import TIED_HEAD, check_matches
 
 
@@ -32,7 +33,7 @@ def hf_tokenizer_name(info: dict) -> str | None:
 
 def hf_dtype(info: dict) -> torch.dtype:
     name = info.get("dtype") or info.get("torch_dtype") or "float32"
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+    return TORCH_NAMES.get(name, torch.float32)
 
 
 def weight_files(index: Path, single: Path) -> dict[str, Path]:
@@ -41,10 +42,7 @@ def weight_files(index: Path, single: Path) -> dict[str, Path]:
 
     path = index.parent
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise MarjaraError(f"{index} is not a safetensors index ({exc}); save the model again") from None
+        weight_map = read_json_object(index, "save the model again").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise MarjaraError(f"{index} is not a safetensors index (its weight_map is not an object of tensor "
                                "name -> file name); save the model again")
@@ -83,7 +81,7 @@ def hf_shapes_on_disk(files: dict[str, Path]) -> dict[str, torch.Size]:
     return shapes
 
 
-def hf_pieces(files: dict[str, Path], config: ModelConfig, path: Path) -> tuple[dict[str, torch.Size], Iterator[Triple]]:
+def stored_pieces(files: dict[str, Path], config: ModelConfig, path: Path) -> tuple[dict[str, torch.Size], Iterator[Triple]]:
     """(the tensor shapes of `files` (weight_files), checked against `config`; pieces of MARJARA
     tensors under export names, one stored tensor at a time). A tied head stored anyway is skipped."""
     from safetensors import safe_open

@@ -1,6 +1,6 @@
 """Where each MARJARA weight lives in the Hugging Face Qwen3 / Qwen3-MoE layout, both directions.
 
-Pure mapping, no files: the exporter (checkpoint/export_hf.py) sends MARJARA weights through
+Pure mapping, no files: the exporter (hf/export.py) sends MARJARA weights through
 `to_hf`, piece by piece; the readers (model/pretrained.py) send Hugging Face tensors back through
 `from_hf`. A piece is (name, element offset into the flattened tensor, 1-D values).
 
