@@ -27,7 +27,8 @@ TESTED = {"deepspeed": ("0.19.8", "0.20"), "lm-eval": ("0.4.13", "0.4.14")}
 PATCHES = {
     "deepspeed": "ZeRO-3 fp32 masters shared with the partitions, the one-rank ZeRO-0 all-reduce skip, expert "
                  "process groups for a model run without an engine, expert-parallel ranks before the engine, the "
-                 "ZeRO-0 fp16 loss scaling, the universal-checkpoint optimizer repair, deterministic MoE routing in eval mode",
+                 "ZeRO-0 fp16 loss scaling, the universal-checkpoint optimizer repair, deterministic MoE routing in eval mode, the Ulysses "
+                 "sequence-parallel groups (mpu) and their gradient scale",
     "lm-eval": "skipping the built-in task index when every task is local",
 }
 _warned: set[str] = set()
@@ -222,6 +223,40 @@ def deterministic_moe_gate(moe_layer) -> Iterator[None]:
     finally:
         for name, value in saved.items():
             setattr(gate, name, value)
+
+
+# ---- DeepSpeed: Ulysses sequence parallelism (one block; see marjara/train/sequence_parallel.py) ----
+
+def sequence_parallel_mpu(sp_size: int):
+    """The "mpu" to hand deepspeed.initialize for Ulysses sequence parallelism over groups of
+    `sp_size` consecutive ranks: DeepSpeed's own deepspeed.runtime.sequence_parallel.parallel_state_sp
+    (not a public API: no documented way to give the engine sequence groups), its groups created
+    once per process. Why this route: the config keys `sequence_parallel_size` / `data_parallel_size`
+    build a device mesh whose gradients are never reduced across the sequence ranks (measured,
+    ../shared/DEEPSPEED_NOTES.md); with this module registered as mpu the engine reduces over the
+    data x sequence ranks and partitions ZeRO state over them. Upstream: none known.
+    Test: tests/test_sequence_parallel_runs.py (gradients of sp 2 equal one rank's, ZeRO 0/2/3)."""
+    version_guard("deepspeed")
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
+
+    if mpu._SEQUENCE_PARALLEL_GROUP is None:
+        mpu.initialize_sequence_parallel(sp_size)
+    elif mpu.get_sequence_parallel_world_size() != sp_size:
+        raise MarjaraError(f"this process already has sequence groups of {mpu.get_sequence_parallel_world_size()} "
+                           f"ranks; it cannot also train with --sp_size {sp_size}")
+    return mpu
+
+
+def sequence_gradient_scale(zero_stage: int, sp_size: int) -> float:
+    """What each sequence rank's gradient must be multiplied by so that DeepSpeed's reduction yields
+    the gradient of the sample's mean loss. With the parallel_state_sp mpu, ZeRO 0-2 divide the sum
+    over the data x sequence ranks by the data-parallel ranks only (engine.py
+    `_reduce_non_expert_gradients`: dp_world_size = seq_dp / sequence_parallel_size; stage_1_and_2
+    likewise), i.e. they SUM over the sequence ranks; ZeRO-3 divides by all data x sequence ranks,
+    i.e. it AVERAGES over them and needs sp_size times the gradient. Upstream: none known.
+    Test: tests/test_sequence_parallel_runs.py (fails at either stage if the factor is wrong)."""
+    version_guard("deepspeed")
+    return float(sp_size) if zero_stage == 3 else 1.0
 
 
 # ---- lm-eval --------------------------------------------------------------------------------

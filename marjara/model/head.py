@@ -31,8 +31,8 @@ def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk_tokens: int) -> torch.Tensor:
-    """Mean cross-entropy of `hidden @ weight.T` against `targets` (-1 ignored), like
+                          chunk_tokens: int, reduction: str = "mean") -> torch.Tensor:
+    """Mean (reduction "sum": summed) cross-entropy of `hidden @ weight.T` against `targets` (-1 ignored), like
     `F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=-1)`, with at most
     `chunk_tokens` tokens' logits alive at once."""
     hidden = hidden.reshape(-1, hidden.size(-1))
@@ -45,7 +45,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
             total = total + checkpoint(_chunk_loss_sum, h, weight, t, use_reentrant=False)
         else:
             total = total + _chunk_loss_sum(h, weight, t)
-    return total / (targets != -1).sum()
+    return total if reduction == "sum" else total / (targets != -1).sum()
 
 
 class OutputHead(nn.Linear):
@@ -57,7 +57,7 @@ class OutputHead(nn.Linear):
         super().__init__(d_model, vocab_size, bias=False)
         self.chunk_tokens = tokens_per_chunk(vocab_size)
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
         if targets is None:
             return super().forward(hidden)
-        return chunked_cross_entropy(hidden, self.weight, targets, self.chunk_tokens)
+        return chunked_cross_entropy(hidden, self.weight, targets, self.chunk_tokens, reduction)

@@ -63,6 +63,9 @@ class MarjaraModel(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=self.init_std_for(name))
         # Set by a trainer: checkpoint_fn(function, *args) recomputes `function` in backward.
         self.checkpoint_fn: Callable | None = None
+        # Set by a trainer for sequence parallelism (marjara/train/sequence_parallel.py): each rank
+        # holds a slice of every sample; it gives the slice's positions and the sample's loss.
+        self.sequence_parallel = None
         self.last_aux_loss: torch.Tensor | None = None
         self.last_expert_counts: dict[int, torch.Tensor] = {}
 
@@ -84,7 +87,9 @@ class MarjaraModel(nn.Module):
                       cache: KVCache | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model); records the MoE aux loss and expert counts."""
         B, T = idx.shape
-        if positions is None:
+        if positions is None and self.sequence_parallel is not None and cache is None:
+            positions = self.sequence_parallel.positions(B, T, idx.device)
+        elif positions is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)
         rotary = self.rotary(positions)
         if cache is not None:
@@ -110,7 +115,10 @@ class MarjaraModel(nn.Module):
         hidden = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(hidden), None
-        loss = self.lm_head(hidden, targets)
+        if self.sequence_parallel is not None:
+            loss = self.sequence_parallel.loss(self.lm_head, hidden, targets)
+        else:
+            loss = self.lm_head(hidden, targets)
         if self.last_aux_loss is not None:
             loss = loss + self.config.aux_loss_coef * self.last_aux_loss
         return None, loss

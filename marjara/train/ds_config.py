@@ -117,6 +117,7 @@ def merge_json(values: dict, given: set[str], has_gpu: bool) -> dict:
             "use ds_configs/zero2.json")
 
     _merge_optimizer_and_scheduler(config, merge)
+    _merge_sequence_parallel(config, merge)
     check_with_deepspeed(config, source)  # every "auto" is filled by now
     values["log_dir"] = _resolve_log_dir(config.pop("tensorboard", None), values, source)
     config.setdefault("steps_per_print", 10**9)  # MARJARA prints its own progress
@@ -173,6 +174,30 @@ def _merge_optimizer_and_scheduler(config: dict, merge: _Merge) -> None:
         for key, value in (block or {}).items():
             if value == AUTO:
                 raise MarjaraError(f"{source}: {what} parameter \"{key}\" is \"auto\" but no flag fills it; set a value")
+
+
+def _merge_sequence_parallel(config: dict, merge: _Merge) -> None:
+    """--sp_size and "sequence_parallel_size" by the rule above; the value goes to MARJARA's sequence
+    groups (marjara/train/sequence_parallel.py), never to DeepSpeed's engine, whose config-key route
+    builds a mesh that does not reduce gradients over the sequence ranks. Likewise
+    --offload_activations and activation_checkpointing.cpu_checkpointing."""
+    values, source = merge.values, merge.source
+    merge.link("sp_size", [(config, "sequence_parallel_size", False)])
+    merge.require("sp_size", isinstance(values["sp_size"], int) and not isinstance(values["sp_size"], bool)
+                  and values["sp_size"] >= 1, "an integer >= 1")
+    config.pop("sequence_parallel_size", None)
+    if values["sp_size"] > 1:
+        if "data_parallel_size" in config:
+            raise MarjaraError(f"\"data_parallel_size\" in {source} cannot be combined with sequence parallelism "
+                               f"(--sp_size {values['sp_size']}): the data-parallel ranks are world / sp_size; "
+                               "remove the key")
+        if values["compile"]:
+            raise MarjaraError(f"--compile cannot run with --sp_size {values['sp_size']}: DeepSpeed-Ulysses' "
+                               "all-to-all is not tested under torch.compile here; drop --compile")
+    checkpointing = config.get("activation_checkpointing", {})
+    merge.link("offload_activations", [(checkpointing, "cpu_checkpointing", False)])
+    if values["offload_activations"]:
+        config["activation_checkpointing"] = {**checkpointing, "cpu_checkpointing": True}
 
 
 def _resolve_precision(config: dict, flag: str | None, has_gpu: bool, source: str) -> str:

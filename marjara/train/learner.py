@@ -18,6 +18,7 @@ from marjara.distributed import ensure_process_group, rank, world_size
 from marjara.model.pretrained import read_folder
 from marjara.train import init_from
 from marjara.model.expert_init import init_experts
+from marjara.model.tiled_mlp import enable_tiled_mlp
 from marjara.train.allocator import active_allocator
 from marjara.train.batches import DeviceBatches
 from marjara.compat import engine_leaves_loss_unscaled, loss_for_backward
@@ -33,6 +34,7 @@ from marjara.train.resume import Resume
 from marjara.train.run_dir import METRICS_FILE, claim_agreed
 from marjara.train.sample import print_sample
 from marjara.train.saver import Saver
+from marjara.train.sequence_parallel import Layout, ShardedStream, check_layout
 from marjara.train.signals import StopRequests
 from marjara.train.step_metrics import StepMeter
 
@@ -43,7 +45,6 @@ class Learner:
         ensure_process_group()
         self.rank, self.world = rank(), world_size()
         quiet_libraries(self.rank)
-        ds_config = cfg.engine_config(self.world)
         resume = Resume(cfg.resume, cfg.zero_stage, self.world, self.rank) if cfg.resume else None
         self.resumed_from = resume.point if resume else None
 
@@ -54,6 +55,10 @@ class Learner:
             init_from.check_data_tokenizer(init, self.data.tokenizer_name, self.data.description)
         self.config = init_from.init_model_config(init, cfg) if init else model_config(cfg, self.data.vocab_size)
         self.data.check_model_vocab(self.config.vocab_size)
+        check_layout(cfg.sp_size, self.config, cfg.seq_len, self.world)
+        self.layout = Layout(cfg.sp_size, cfg.zero_stage, self.rank, self.world)  # sequence and data ranks
+        dp_rank, dp_world = self.layout.dp_rank, self.layout.dp_world
+        ds_config = cfg.engine_config(dp_world)
         if resume:
             resume.check_compatible(self.config, self.data.tokenizer_name)
         # Every input is checked by now: a refused run has written nothing. One run per folder.
@@ -63,13 +68,17 @@ class Learner:
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(self.config, cfg.grad_checkpointing, ds_config)
+        self.layout.attach(model)
+        if cfg.tiled_mlp:
+            enable_tiled_mlp(model)
         if self.config.use_moe:
             # Distinct per expert-parallel rank, the same per replica.
             init_experts(model, cfg.seed, bool(ds_config.get("use_data_before_expert_parallelism", False)))
         if init and not resume:  # a resumed run has trained weights of its own
             init_from.load_init_weights(model, init, ds_config)
             self.report.print(f"initialised from {init.describe()}")
-        self.engine, group_hparams = build_engine(model, cfg, resume.engine_config(ds_config) if resume else ds_config)
+        self.engine, group_hparams = build_engine(model, cfg, resume.engine_config(ds_config) if resume else ds_config,
+                                                 mpu=self.layout.mpu)
         self.model = self.engine.module
         self.loss_unscaled = engine_leaves_loss_unscaled(self.engine.optimizer)  # ZeRO-0 fp16: see compat
         self.ema = WeightEMA(self.model, cfg.ema_decay, cfg.zero_stage) if cfg.ema_decay > 0 else None
@@ -79,9 +88,11 @@ class Learner:
                               f"{samples_consumed + cfg.skip_samples - 1}")
             samples_consumed += cfg.skip_samples
         self.guard = NonFiniteGuard(cfg.max_bad_steps, enabled=cfg.mixed_precision != "fp16")
-        self.batches = DeviceBatches(TrainStream(self.data.train, cfg.seed, cfg.batch_size, cfg.grad_accum,
-                                                 self.rank, self.world, samples_consumed), self.engine.device)
-        val_sets = ([(name, weight, validation_batches(dataset, cfg.batch_size, cfg.eval_batches, self.rank, self.world))
+        stream = TrainStream(self.data.train, cfg.seed, cfg.batch_size, cfg.grad_accum, dp_rank, dp_world,
+                             samples_consumed)
+        self.batches = DeviceBatches(ShardedStream(stream, self.layout), self.engine.device)
+        val_sets = ([(name, weight, [self.layout.shard(b) for b in validation_batches(
+                        dataset, cfg.batch_size, cfg.eval_batches, dp_rank, dp_world)])
                      for name, weight, dataset in self.data.validation_sets()] if cfg.eval_interval > 0 else [])
         if cfg.compile:
             compile_model(self.engine, self.config, self.report)
@@ -147,7 +158,7 @@ class Learner:
     def _start(self) -> StepMeter:
         """Print the run's start line; returns the meter of its steps."""
         cfg = self.cfg
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.world * cfg.seq_len
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.layout.dp_world * cfg.seq_len
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
         peak, peak_source = device_peak_tflops(cfg.peak_tflops, dtype)
         self.report.print(
@@ -158,7 +169,7 @@ class Learner:
             f"peak={peak:.2f} TFLOP/s ({peak_source})"
             + ("" if torch.cuda.is_available() else f" malloc={active_allocator()}"))
         if self.data.is_mixture:
-            samples = cfg.max_steps * cfg.batch_size * cfg.grad_accum * self.world
+            samples = cfg.max_steps * cfg.batch_size * cfg.grad_accum * self.layout.dp_world
             self.report.print(f"mixture: {self.data.train.summary(samples)}")
         return StepMeter(self.engine, self.model, self.report, self.world, tokens_per_step,
                          self.model.flops_per_token(cfg.seq_len), peak, cfg.mixed_precision, cfg.zero_stage)
