@@ -139,3 +139,17 @@ def test_resume_at_sp1_continues_the_sample_stream(sp2_run, tmp_path):
     resumed, original = train_losses(tmp_path), train_losses(sp2_run)
     assert sorted(resumed) == list(range(11, 21))
     assert max(abs(resumed[s] - original[s]) for s in resumed) <= 1e-4, (resumed, original)
+
+
+def test_an_sp2_checkpoint_exports_as_without_sequence_parallelism(sp1_run, sp2_run, tmp_path):
+    from marjara.convert import main as convert
+    from marjara.model import MarjaraModel
+
+    models = []
+    for name, run in (("sp1", sp1_run), ("sp2", sp2_run)):
+        convert([str(run), str(tmp_path / name)])
+        models.append(MarjaraModel.from_pretrained(tmp_path / name).state_dict())
+    one, two = models
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-4, msg=name)
