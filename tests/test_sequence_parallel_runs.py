@@ -153,3 +153,22 @@ def test_an_sp2_checkpoint_exports_as_without_sequence_parallelism(sp1_run, sp2_
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-4, msg=name)
+
+
+def test_zero3_steps_at_sp2_clip_by_the_true_gradient_norm(tmp_path):
+    """DeepSpeed sums the gradient norm over its mpu's model-parallel group, which for the sequence
+    groups is the sequence ranks: the norm (and so clipping, active here) must still be the one-rank one."""
+    flags = RUN[:RUN.index("--max_steps")] + ["--max_steps", "6", "--eval_interval", "0", "--save_interval", "0",
+                                              "--deepspeed_config", "ds_configs/zero3.json", "--batch_size", "2"]
+    run_train(flags + ["--out_dir", str(tmp_path / "one")])
+    run_train(flags + ["--sp_size", "2", "--out_dir", str(tmp_path / "two")], nproc=2)
+
+    def steps(out):
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return {m["step"]: m for m in lines if "train/loss" in m}
+    one, two = steps(tmp_path / "one"), steps(tmp_path / "two")
+    assert sorted(two) == list(range(1, 7))
+    assert max(m["train/grad_norm"] for m in one.values()) > 1.0  # clipping at 1.0 is active
+    for step, want in one.items():
+        assert abs(two[step]["train/loss"] - want["train/loss"]) <= 1e-4, step
+        assert abs(two[step]["train/grad_norm"] - want["train/grad_norm"]) <= 1e-3 * want["train/grad_norm"], step  # sqrt(2) if summed twice
