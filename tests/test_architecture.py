@@ -225,6 +225,7 @@ DEEPSPEED_PUBLIC = {
     "deepspeed.checkpointing.checkpoint": "code-docs/source/activation-checkpointing.rst",
     "deepspeed.checkpointing.reset": "code-docs/source/activation-checkpointing.rst",
     "deepspeed.moe.layer.MoE": "code-docs/source/moe.rst",
+    "deepspeed.sequence.layer.DistributedAttention": "_tutorials/ds-sequence.md",
     "deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer": "_tutorials/mixture-of-experts.md",
     "deepspeed.accelerator.get_accelerator": "_tutorials/accelerator-abstraction-interface.md",
     "deepspeed.runtime.config.DeepSpeedConfig": "_tutorials/monitor.md",

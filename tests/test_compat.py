@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from marjara import compat
 from marjara.compat import deepspeed as ds_compat
 from marjara.compat import deepspeed_moe as moe_compat
+from marjara.compat import deepspeed_sequence as sequence_compat
 from marjara.compat import lm_eval as lm_eval_compat
 from marjara.distributed import ensure_process_group
 from marjara.errors import MarjaraError
@@ -70,7 +71,7 @@ def test_pyproject_bounds_are_the_tested_ranges():
     assert high == "0.4.14"  # a pin: exactly the tested release
 
 
-REACH_MODULES = (ds_compat, moe_compat, lm_eval_compat)
+REACH_MODULES = (ds_compat, moe_compat, sequence_compat, lm_eval_compat)
 FIELDS = ("What:", "Why:", "Upstream:", "Guard:", "Test:")
 
 

@@ -49,17 +49,18 @@ def args(data: Path, out: Path, stage: int, *extra: str) -> list[str]:
 
 
 # ZeRO-2: DeepSpeed's ZeRO optimizer refuses the non-finite step itself. ZeRO-0 in fp32: DeepSpeed
-# runs the client optimizer directly, and MARJARA's GuardedAdamW refuses it.
+# runs the client optimizer directly, and MARJARA's GuardedAdamW refuses it. sp 2: the poisoned
+# token lies in the first half of each window, so only one of the two sequence ranks sees it.
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, world", [(2, 2), (0, 1)])
-def test_a_poisoned_stretch_stops_the_run_and_resume_skips_past_it(tmp_path, stage, world):
+@pytest.mark.parametrize("stage, world, sp", [(2, 2, 1), (0, 1, 1), (2, 2, 2)])
+def test_a_poisoned_stretch_stops_the_run_and_resume_skips_past_it(tmp_path, stage, world, sp):
     from marjara.checkpoint.format import find_resume_point
     from marjara.checkpoint.verify import find_damage
 
     data, out = tmp_path / "data", tmp_path / "ck"
-    G = MICRO * world  # samples per optimizer step
+    G = MICRO * world // sp  # samples per optimizer step
     poisoned_folder(data, G)
-    results = run_ranks(args(data, out, stage), world, script=SCRIPT)
+    results = run_ranks(args(data, out, stage, "--sp_size", str(sp)), world, script=SCRIPT)
 
     for rank, result in enumerate(results):
         assert result.returncode == 3, f"rank {rank}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
@@ -84,7 +85,8 @@ def test_a_poisoned_stretch_stops_the_run_and_resume_skips_past_it(tmp_path, sta
     losses = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
     assert np.isnan(losses[LONE_BAD_STEP]) and np.isfinite(losses[LONE_BAD_STEP + 1])
 
-    resumed = run_ranks(args(data, out, stage, "--resume", str(out), "--skip_samples", str(skip)), world,
+    resumed = run_ranks(args(data, out, stage, "--sp_size", str(sp), "--resume", str(out), "--skip_samples", str(skip)),
+                        world,
                         script=SCRIPT)
     for rank, result in enumerate(resumed):
         assert result.returncode == 0, f"rank {rank}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"

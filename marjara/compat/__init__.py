@@ -1,6 +1,6 @@
 """Every place MARJARA reaches past the documented API of DeepSpeed or lm-eval, and why.
 
-`marjara.compat.deepspeed` and `marjara.compat.lm_eval` hold one function per reach: a patch
+`marjara.compat.deepspeed` (with `deepspeed_moe` and `deepspeed_sequence`) and `marjara.compat.lm_eval` hold one function per reach: a patch
 (it changes what the library does) or an accessor (it reads a name the library does not
 document). Each function's docstring says, on lines of their own:
 
@@ -39,7 +39,7 @@ TESTED = {"deepspeed": ("0.19.8", "0.20"), "lm-eval": ("0.4.13", "0.4.14")}
 REACHES = {
     "deepspeed": "ZeRO-3 fp32 masters shared with the partitions, the one-rank ZeRO-0 all-reduce skip, the ZeRO-0 "
                  "fp16 loss scaling, the universal-checkpoint optimizer repair, MoE expert groups and ranks outside "
-                 "the engine, deterministic MoE routing in eval mode, and reads of undocumented engine, optimizer, "
+                 "the engine, deterministic MoE routing in eval mode, the Ulysses sequence groups and their gradient scale, and reads of undocumented engine, optimizer, "
                  "config, logger, checkpoint-pickle and shared-memory names",
     "lm-eval": "skipping the built-in task index when every task is local",
 }

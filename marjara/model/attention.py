@@ -35,6 +35,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
         self.dropout = config.dropout
         self._split = (q_dim, kv_dim, kv_dim)
+        # Set by a trainer for sequence parallelism: a callable (q, k, v, dropout_p) -> y over the
+        # ranks that share each sample (marjara/model/ulysses.py); None attends locally.
+        self.sequence_parallel = None
 
     def forward(self, x: torch.Tensor, rotary: torch.Tensor, cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
@@ -47,7 +50,9 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         gqa = self.n_kv_heads != self.n_heads
-        if cache is None:
+        if cache is None and self.sequence_parallel is not None:
+            y = self.sequence_parallel(q, k, v, self.dropout if self.training else 0.0)
+        elif cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:

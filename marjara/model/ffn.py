@@ -14,6 +14,7 @@ from marjara.compat.deepspeed_moe import deterministic_moe_gate, ensure_expert_g
 from marjara.errors import MarjaraError
 from marjara.model.config import ModelConfig
 from marjara.model.inference_moe import InferenceMoE
+from marjara.model.tiled_mlp import tiled
 
 
 class SwiGLU(nn.Module):
@@ -21,8 +22,14 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.w_gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
         self.w_down = nn.Linear(hidden, d_model, bias=False)
+        self.chunk_tokens: int | None = None  # set: tiled over token slices (marjara/model/tiled_mlp.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.chunk_tokens:
+            return tiled(self._dense, x, self.chunk_tokens)
+        return self._dense(x)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w_gate_up(x).chunk(2, dim=-1)
         return self.w_down(F.silu(gate) * up)
 

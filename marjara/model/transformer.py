@@ -77,6 +77,9 @@ class MarjaraModel(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=self.init_std_for(name))
         # Set by a trainer: checkpoint_fn(function, *args) recomputes `function` in backward.
         self.checkpoint_fn: Callable | None = None
+        # Set by a trainer for sequence parallelism (marjara/train/sequence_parallel.py): each rank
+        # holds a slice of every sample; it gives the slice's positions and the sample's mean loss.
+        self.sequence_parallel = None
 
     def init_std_for(self, name: str) -> float:
         """The initial standard deviation of matrix `name`. Residual-branch outputs are scaled by
@@ -96,7 +99,9 @@ class MarjaraModel(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, torch.Tensor]]:
         """(final-norm hidden states (B, T, d_model), summed MoE aux loss or None, expert counts by layer)."""
         B, T = idx.shape
-        if positions is None:
+        if positions is None and self.sequence_parallel is not None and cache is None:
+            positions = self.sequence_parallel.positions(B, T, idx.device)
+        elif positions is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)
         rotary = self.rotary(positions)
         if cache is not None:
@@ -127,7 +132,10 @@ class MarjaraModel(nn.Module):
         if targets is None:
             return ModelOutput(self.lm_head(hidden), None, aux_loss, expert_counts)
         ce_sum, ce_tokens = self.lm_head(hidden, targets)
-        loss = ce_sum / ce_tokens
+        if self.sequence_parallel is not None:  # the mean over the whole sample's tokens, all slices
+            loss = self.sequence_parallel.sample_mean(ce_sum, ce_tokens)
+        else:
+            loss = ce_sum / ce_tokens
         if aux_loss is not None:
             loss = loss + self.config.aux_loss_coef * aux_loss
         return ModelOutput(None, loss, aux_loss, expert_counts, ce_sum, ce_tokens)

@@ -11,18 +11,26 @@ from __future__ import annotations
 
 import torch
 
+from typing import Callable
+
 from marjara.data import TrainStream
+
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class DeviceBatches:
-    def __init__(self, stream: TrainStream, device: torch.device) -> None:
+    """`shard`: what this rank takes of each micro-batch the stream cuts (sequence parallelism's
+    slice of every sample; all of it otherwise)."""
+
+    def __init__(self, stream: TrainStream, device: torch.device, shard: Callable[[Batch], Batch] | None = None) -> None:
         self.stream = stream
         self.device = torch.device(device)
+        self.shard = shard or (lambda batch: batch)
         self._ahead: tuple[torch.Tensor, torch.Tensor, dict] | None = None
         self._state = stream.state_dict()
 
     def _fetch(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        x, y = self.stream.next_micro_batch()
+        x, y = self.shard(self.stream.next_micro_batch())
         state = self.stream.state_dict()
         if self.device.type == "cuda":
             x, y = x.pin_memory(), y.pin_memory()

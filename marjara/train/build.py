@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import warnings
 
-from marjara.compat.deepspeed import non_reentrant_checkpoint, quiet_logger
+from marjara.compat.deepspeed import quiet_logger
 from marjara.model import MarjaraModel
 from marjara.model.config import PRESETS, ModelConfig
+from marjara.train.checkpointing import checkpoint_function
 from marjara.train.config import TrainConfig
 from marjara.train.engine import initialize_engine
 from marjara.train.optim import build_adamw, parameter_groups, warmup_cosine
@@ -36,23 +37,14 @@ def build_model(config: ModelConfig, grad_checkpointing: bool, ds_config: dict) 
     # Lets DeepSpeed's ds_to_universal convert ZeRO-1/2 checkpoints for another world size.
     model.universal_checkpoint_info = {"universal_checkpoint_version": 0.4}
     if grad_checkpointing:
-        import deepspeed
-
-        block = ds_config.get("activation_checkpointing", {})
-        deepspeed.checkpointing.configure(
-            None, partition_activations=block.get("partition_activations", False),
-            checkpoint_in_cpu=block.get("cpu_checkpointing", False),
-            synchronize=block.get("synchronize_checkpoint_boundary", False),
-            profile=block.get("profile", False))
-        # The non-re-entrant variant: the re-entrant one silently drops parameter gradients of
-        # blocks none of whose inputs require grad.
-        model.checkpoint_fn = non_reentrant_checkpoint()
+        model.checkpoint_fn = checkpoint_function(ds_config)
     return model
 
 
-def build_engine(model: MarjaraModel, cfg: TrainConfig, ds_config: dict):
+def build_engine(model: MarjaraModel, cfg: TrainConfig, ds_config: dict, mpu=None):
     """The DeepSpeed engine around the model -> (engine, each parameter group's hyper-parameters).
-    Without an optimizer / scheduler in the JSON, MARJARA's AdamW and warmup + cosine are used."""
+    Without an optimizer / scheduler in the JSON, MARJARA's AdamW and warmup + cosine are used.
+    mpu: the sequence-parallel groups (marjara/train/sequence_parallel.py), or None."""
     groups = parameter_groups(model, cfg.optim.weight_decay)
     # ZeRO-0 in fp32 is the one case where DeepSpeed runs the client optimizer without checking the
     # gradient norm itself (see marjara/train/nonfinite.py).
@@ -63,7 +55,8 @@ def build_engine(model: MarjaraModel, cfg: TrainConfig, ds_config: dict):
 
     scheduler = None if cfg.scheduler_in_json else cosine
     engine = initialize_engine(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                               model_parameters=groups if optimizer is None else None, config=ds_config)
+                               model_parameters=groups if optimizer is None else None, config=ds_config,
+                               **({"mpu": mpu} if mpu is not None else {}))
     return engine, [{k: v for k, v in g.items() if k != "params"} for g in groups]
 
 

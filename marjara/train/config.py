@@ -97,6 +97,9 @@ def _check(values: dict, given: dict) -> None:
         if (name in given and spec.rule is not None and value is not None and (values["use_moe"] or not spec.moe)
                 and not spec.rule.holds(value)):
             problems.append(spec.rule.problem(f"--{name}", value))
+    if values["offload_activations"] and not values["grad_checkpointing"] and "offload_activations" in given:
+        problems.append("--offload_activations needs --grad_checkpointing (it offloads the inputs the checkpointed "
+                        "blocks keep for their recomputation); add --grad_checkpointing")
     for name in ("out_dir", "log_dir"):
         if values[name] is not None and os.path.exists(values[name]) and not os.path.isdir(values[name]):
             problems.append(f"--{name} {values[name]} is a file, not a folder; give a folder (it is created if missing)")

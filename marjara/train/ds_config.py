@@ -103,6 +103,7 @@ def merge_json(values: dict, given: set[str], has_gpu: bool) -> dict:
 
     _min_lr(blocks.params("scheduler"), blocks.scheduler_takes, merge)
     _no_auto_left(config, source)
+    _sequence_parallel(config, values, source)
     check_with_deepspeed(config, source)  # every "auto" is filled by now
     values["log_dir"] = _resolve_log_dir(config.pop("tensorboard", None), values, source)
     config.setdefault("steps_per_print", 10**9)  # MARJARA prints its own progress
@@ -167,6 +168,25 @@ def _no_auto_left(config: dict, source: str) -> None:
         for key, value in (config.get(what) or {}).get("params", {}).items():
             if value == AUTO:
                 raise MarjaraError(f"{source}: {what} parameter \"{key}\" is \"auto\" but no flag fills it; set a value")
+
+
+def _sequence_parallel(config: dict, values: dict, source: str) -> None:
+    """--sp_size (= "sequence_parallel_size", merged above) goes to MARJARA's sequence groups
+    (marjara/train/sequence_parallel.py), never to DeepSpeed's engine: its config-key route builds a
+    mesh that does not reduce gradients over the sequence ranks."""
+    config.pop("sequence_parallel_size", None)
+    if values["sp_size"] > 1:
+        if "data_parallel_size" in config:
+            raise MarjaraError(f"\"data_parallel_size\" in {source} cannot be combined with sequence parallelism "
+                               f"(--sp_size {values['sp_size']}): the data-parallel ranks are world / sp_size; "
+                               "remove the key")
+        if values["compile"]:
+            raise MarjaraError(f"--compile cannot run with --sp_size {values['sp_size']}: DeepSpeed-Ulysses' "
+                               "all-to-all is not tested under torch.compile here; drop --compile")
+    # The merge writes --offload_activations' default into a block it creates: one holding only
+    # that default means what no block means.
+    if config.get("activation_checkpointing") == {"cpu_checkpointing": False}:
+        del config["activation_checkpointing"]
 
 
 def _resolve_precision(config: dict, flag: str | None, has_gpu: bool, source: str) -> str:

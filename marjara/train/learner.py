@@ -20,6 +20,7 @@ from marjara.dtypes import PRECISIONS
 from marjara.model.pretrained import read_folder
 from marjara.train import init_from
 from marjara.model.expert_init import init_experts
+from marjara.model.tiled_mlp import enable_tiled_mlp
 from marjara.train.allocator import active_allocator
 from marjara.train.batches import DeviceBatches
 from marjara.compat.deepspeed import engine_leaves_loss_unscaled, loss_for_backward, skipped_steps
@@ -35,6 +36,7 @@ from marjara.train.nonfinite import NonFiniteGuard, stop_line
 from marjara.train.replicas import verify_replicas
 from marjara.train.run_dir import METRICS_FILE
 from marjara.train.sample import print_sample
+from marjara.train.sequence_parallel import Layout, check_layout
 from marjara.train.signals import StopRequests
 from marjara.train.step_metrics import StepMeter
 
@@ -45,7 +47,6 @@ class Learner:
         ensure_process_group()
         self.rank, self.world = rank(), world_size()
         quiet_libraries(self.rank)
-        ds_config = cfg.engine_config(self.world)
         self.checkpointer = checkpointer = Checkpointer(cfg.checkpoint.out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.save_interval, cfg.checkpoint.resume,
                                                         cfg.optim.zero_stage)
 
@@ -56,6 +57,10 @@ class Learner:
             init_from.check_data_tokenizer(init, self.data.tokenizer_name, self.data.description)
         self.config = init_from.init_model_config(init, cfg) if init else model_config(cfg, self.data.vocab_size)
         self.data.check_model_vocab(self.config.vocab_size)
+        check_layout(cfg.optim.sp_size, self.config, cfg.data.seq_len, self.world)
+        self.layout = Layout(cfg.optim.sp_size, cfg.optim.zero_stage, self.rank, self.world)  # sequence and data ranks
+        dp_rank, dp_world = self.layout.dp_rank, self.layout.dp_world
+        ds_config = cfg.engine_config(dp_world)
         checkpointer.check_resume(self.config, self.data.tokenizer_name)
         # Every input is checked by now: a refused run has written nothing. One run per folder.
         checkpointer.claim(cfg.run.log_dir, cfg.checkpoint.overwrite)
@@ -64,18 +69,21 @@ class Learner:
 
         torch.manual_seed(cfg.optim.seed)  # identical initial weights on every rank
         model = build_model(self.config, cfg.optim.grad_checkpointing, ds_config)
+        self.layout.attach(model)
+        if cfg.optim.tiled_mlp:
+            enable_tiled_mlp(model)
         if self.config.use_moe:
             # Distinct per expert-parallel rank, the same per replica.
             init_experts(model, cfg.optim.seed, bool(ds_config.get("use_data_before_expert_parallelism", False)))
         if init and checkpointer.resumed_from is None:  # a resumed run has trained weights of its own
             init_from.load_init_weights(model, init, ds_config)
             self.report.print(f"initialised from {init.describe()}")
-        self.engine, group_hparams = build_engine(model, cfg, checkpointer.engine_config(ds_config))
+        self.engine, group_hparams = build_engine(model, cfg, checkpointer.engine_config(ds_config), mpu=self.layout.mpu)
         self.model = self.engine.module
         self.loss_unscaled = engine_leaves_loss_unscaled(self.engine)  # ZeRO-0 fp16: see compat
         self.ema = WeightEMA(self.model, cfg.optim.ema_decay, cfg.optim.zero_stage) if cfg.optim.ema_decay > 0 else None
-        self.batches = DeviceBatches(TrainStream(self.data.train, cfg.optim.seed, cfg.optim.batch_size, cfg.optim.grad_accum,
-                                                 self.rank, self.world), self.engine.device)
+        stream = TrainStream(self.data.train, cfg.optim.seed, cfg.optim.batch_size, cfg.optim.grad_accum, dp_rank, dp_world)
+        self.batches = DeviceBatches(stream, self.engine.device, shard=self.layout.shard)
         self.guard = NonFiniteGuard(cfg.run.max_bad_steps, enabled=cfg.optim.mixed_precision != "fp16", report=self.report)
         run = RunRecord(seq_len=cfg.data.seq_len, model_config=self.config.to_dict(), tokenizer=self.data.tokenizer_name,
                         zero_stage=cfg.optim.zero_stage, world_size=self.world, dtype=cfg.optim.mixed_precision,
@@ -87,7 +95,8 @@ class Learner:
             self.report.print(f"--skip_samples {cfg.run.skip_samples}: stepping over global samples {consumed}.."
                               f"{consumed + cfg.run.skip_samples - 1}")
             self.batches.skip(cfg.run.skip_samples)
-        val_sets = ([(name, weight, validation_batches(dataset, cfg.optim.batch_size, cfg.run.eval_batches, self.rank, self.world))
+        val_sets = ([(name, weight, [self.layout.shard(b) for b in validation_batches(
+                        dataset, cfg.optim.batch_size, cfg.run.eval_batches, dp_rank, dp_world)])
                      for name, weight, dataset in self.data.validation_sets()] if cfg.run.eval_interval > 0 else [])
         if cfg.optim.compile:
             compile_model(self.engine, self.config, self.report)
@@ -143,7 +152,7 @@ class Learner:
     def _start(self) -> StepMeter:
         """Print the run's start line; returns the meter of its steps."""
         cfg = self.cfg
-        tokens_per_step = cfg.optim.batch_size * cfg.optim.grad_accum * self.world * cfg.data.seq_len
+        tokens_per_step = cfg.optim.batch_size * cfg.optim.grad_accum * self.layout.dp_world * cfg.data.seq_len
         dtype = PRECISIONS.get(cfg.optim.mixed_precision, torch.float32)
         peak, peak_source = device_peak_tflops(cfg.run.peak_tflops, dtype)
         self.report.print(
@@ -154,7 +163,7 @@ class Learner:
             f"peak={peak:.2f} TFLOP/s ({peak_source})"
             + ("" if torch.cuda.is_available() else f" malloc={active_allocator()}"))
         if self.data.is_mixture:
-            samples = cfg.optim.max_steps * cfg.optim.batch_size * cfg.optim.grad_accum * self.world
+            samples = cfg.optim.max_steps * cfg.optim.batch_size * cfg.optim.grad_accum * self.layout.dp_world
             self.report.print(f"mixture: {self.data.train.summary(samples)}")
         return StepMeter(self.engine, self.model, self.report, self.world, tokens_per_step,
                          self.model.flops_per_token(cfg.data.seq_len), peak, cfg.optim.mixed_precision, cfg.optim.zero_stage,

@@ -98,6 +98,14 @@ class OptimSettings:
                               plan=True, shown="the JSON's, else 0", type=int)
     grad_checkpointing: bool = setting(False, "recompute each transformer block in backward (deepspeed.checkpointing, "
                                        "configured by the JSON's activation_checkpointing block)", plan=True)
+    sp_size: int = setting(1, "Ulysses sequence parallelism: each sample's seq_len tokens are split over this many "
+                           "ranks, which attend together by all-to-all; data-parallel ranks are world / sp_size "
+                           "(see docs/long-context.md)", rule=at_least(1, integer=True),
+                           json="sequence_parallel_size", plan=True)
+    tiled_mlp: bool = setting(False, "run each SwiGLU over slices of d_model tokens, recomputed in backward (ALST's "
+                              "tiled MLP): for long sequences", plan=True)
+    offload_activations: bool = setting(False, "keep the inputs --grad_checkpointing saves of each block in CPU "
+                                        "memory", json="activation_checkpointing.cpu_checkpointing", plan=True)
     ema_decay: float = setting(0.0, "EMA of the weights with this decay; 0 disables",
                                rule=fraction(hint="0 disables EMA"))
     compile: bool = setting(False, "torch.compile the model where it works")
