@@ -94,6 +94,9 @@ class TrainConfig:
                                      shown="the JSON's, else 0", type=int, choices=[0, 1, 2, 3])
     grad_checkpointing: bool = setting(False, "recompute each transformer block in backward (deepspeed.checkpointing, "
                                        "configured by the JSON's activation_checkpointing block)", group="optimisation")
+    sp_size: int = setting(1, "Ulysses sequence-parallel ranks per sample (DeepSpeed-Ulysses)", group="optimisation")
+    offload_activations: bool = setting(False, "with --grad_checkpointing, keep the checkpointed hidden states in CPU "
+                                        "memory", group="optimisation")
     ema_decay: float = setting(0.0, "EMA of the weights with this decay; 0 disables", group="optimisation")
     compile: bool = setting(False, "torch.compile the model where it works", group="optimisation")
     seed: int = setting(1337, "seed of the initial weights, the data order and the sample", group="optimisation")
@@ -185,7 +188,7 @@ def _check(values: dict, given: dict) -> None:
     checked where it is merged)."""
     parse_data_arg(values["data"])  # a malformed mixture stops here, before any process group starts
     problems = []
-    for name in ("max_steps", "log_interval", "eval_batches", "max_bad_steps"):
+    for name in ("max_steps", "log_interval", "eval_batches", "max_bad_steps", "sp_size"):
         if values[name] < 1:
             problems.append(f"--{name} must be >= 1 (got {values[name]})")
     for name in ("warmup_steps", "eval_interval", "save_interval", "keep_last", "sample_tokens", "weight_decay",
