@@ -38,10 +38,12 @@ class Traffic:
     all_gather: float = 0.0
     all_to_all: float = 0.0
     seconds: float = 0.0          # at the cluster's bandwidths
+    sequence_all_to_all: float = 0.0  # Ulysses' attention all-to-alls (marjara/planner/sequence.py)
+    sequence_seconds: float = 0.0     # their time, which compute waits for
 
     @property
     def total(self) -> float:
-        return self.all_reduce + self.reduce_scatter + self.all_gather + self.all_to_all
+        return self.all_reduce + self.reduce_scatter + self.all_gather + self.all_to_all + self.sequence_all_to_all
 
 
 def bandwidth(setup: Setup, group: int, spans_nodes: bool | None = None) -> float:

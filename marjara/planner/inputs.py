@@ -11,13 +11,15 @@ from marjara.errors import MarjaraError
 from marjara.model.config import DEFAULT_VOCAB_SIZE
 from marjara.planner.devices import DEVICES, lookup
 from marjara.planner.recommend import Target
+from marjara.planner.sequence import check_sp
 from marjara.planner.setup import Setup, zero_settings
 from marjara.train.config import TrainConfig
 
 # train.py flags that change the plan; the others are accepted (and ignored) but not listed in --help.
 PLANNED_FLAGS = {"model_size", "use_moe", "num_experts", "top_k", "ep_size", "capacity_factor", "min_capacity",
                  "moe_layer_freq", "use_residual", "seq_len", "batch_size", "grad_accum", "mixed_precision",
-                 "grad_checkpointing", "zero_stage", "deepspeed_config", "peak_tflops", "help"}
+                 "grad_checkpointing", "zero_stage", "deepspeed_config", "peak_tflops", "help", "sp_size",
+                 "offload_activations"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +122,9 @@ def setup_from_args(args) -> tuple[Setup, Target, tuple[int, bool, bool] | None]
     fixed_accum = "grad_accum" in given or _json_sets(raw, "gradient_accumulation_steps")
     setup = Setup(config, cfg.seq_len, cfg.mixed_precision, fixed_zero[0] if fixed_zero else 0, False, False,
                   cfg.grad_checkpointing, args.nodes, args.gpus_per_node, device,
-                  zero_settings(cfg.ds_json.get("zero_optimization", {})))
+                  zero_settings(cfg.ds_json.get("zero_optimization", {})), cfg.sp_size, cfg.offload_activations)
+    check_sp(setup)
     target = Target(cfg.batch_size if fixed_micro else None, cfg.grad_accum if fixed_accum else None,
-                    args.global_batch_tokens, args.mfu)
+                    args.global_batch_tokens, args.mfu,
+                    "sp_size" in given or _json_sets(raw, "sequence_parallel_size"))
     return setup, target, fixed_zero
