@@ -78,13 +78,16 @@ def _rows(table: list[Candidate], tokens: float | None, mfu: float) -> list[tupl
         ("  reduce-scatter", each(lambda c: f"{c.traffic.reduce_scatter / 1e9:.2f}")),
         ("  all-gather", each(lambda c: f"{c.traffic.all_gather / 1e9:.2f}")),
         ("  MoE all-to-all", each(lambda c: f"{c.traffic.all_to_all / 1e9:.2f}")),
-        ("  attention all-to-all (sequence parallel)", each(lambda c: f"{c.traffic.sequence_all_to_all / 1e9:.2f}")),
         ("time per step, s", [""] * len(table)),
         ("  communication", each(lambda c: f"{c.traffic.seconds:.2f}")),
-        ("  attention all-to-all, not overlapped", each(lambda c: f"{c.traffic.sequence_seconds:.2f}")),
         (f"  compute at {mfu:.0%} MFU", each(lambda c: f"{c.compute_seconds:.2f}")),
         ("tokens/s (all GPUs)", each(lambda c: f"{c.tokens_per_second:,.0f}")),
     ]
+    if sp > 1:  # Ulysses' rows, after the others of their kind
+        at = next(i for i, (name, _) in enumerate(rows) if name == "time per step, s")
+        rows.insert(at, ("  attention all-to-all (sequence parallel)",
+                         each(lambda c: f"{c.traffic.sequence_all_to_all / 1e9:.2f}")))
+        rows.insert(at + 3, ("  attention all-to-all, not overlapped", each(lambda c: f"{c.traffic.sequence_seconds:.2f}")))
     if tokens:
         rows.append((f"days for {tokens:.3g} tokens", each(lambda c: f"{tokens / c.tokens_per_second / DAY:.1f}")))
     return rows
