@@ -10,9 +10,9 @@ import pytest
 
 from marjara.model.config import ModelConfig
 from marjara.planner.activations import activations
-from marjara.planner.comm import Traffic
+from marjara.planner.comm import Traffic, add_sequence_traffic
 from marjara.planner.devices import lookup
-from marjara.planner.sequence import add_sequence_traffic, all_to_all_bytes_per_layer
+from marjara.planner.sequence import all_to_all_bytes_per_layer
 from marjara.planner.setup import Setup, zero_settings
 from test_plan_cli import assert_refused_in_one_line, plan
 
@@ -79,12 +79,18 @@ def test_recommendation_splits_a_million_tokens_and_not_a_short_context():
     assert json.loads(short.stdout)["recommendation"]["sp_size"] == 1
 
 
-def test_given_sp_size_is_planned_as_given():
-    out = plan("--model_size", "1b", "--nodes", "1", "--gpus_per_node", "8", "--gpu", "H200", "--seq_len",
-               str(MILLION), "--sp_size", "8", "--grad_checkpointing", "--json")
+def test_given_sp_size_is_planned_as_given(tmp_path):
+    args = ["--model_size", "1b", "--nodes", "1", "--gpus_per_node", "8", "--gpu", "H200", "--seq_len", str(MILLION),
+            "--sp_size", "8", "--grad_checkpointing"]
+    out = plan(*args, "--json")
     assert out.returncode == 0, out.stderr
     chosen = json.loads(out.stdout)["recommendation"]
     assert chosen["sp_size"] == 8 and chosen["name"] == "ZeRO-0" and chosen["grad_accum"] == 1
+    written = plan(*args, "--write_config", str(tmp_path / "ds.json"))
+    assert f"train.py --deepspeed_config {tmp_path / 'ds.json'} --grad_checkpointing --sp_size 8" in written.stdout
+    config = json.loads((tmp_path / "ds.json").read_text())
+    # One data-parallel group of 8: DeepSpeed's train_batch_size counts sequences per group, not per GPU.
+    assert config["train_batch_size"] == config["train_micro_batch_size_per_gpu"] == chosen["micro_batch"]
     wide = plan("--model_size", "1b", "--nodes", "1", "--gpus_per_node", "8", "--gpu", "H200", "--seq_len",
                 str(MILLION), "--sp_size", "2")
     assert wide.returncode == 0, wide.stderr  # sp 2 as asked: checkpointing, then offload, make it fit

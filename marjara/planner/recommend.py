@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from marjara.errors import MarjaraError
-from marjara.planner.comm import Traffic, step_traffic
+from marjara.planner.comm import Traffic, add_sequence_traffic, step_traffic
 from marjara.planner.memory import MemoryPlan, largest_micro_batch, plan_memory
-from marjara.planner.sequence import add_sequence_traffic, sp_sizes
+from marjara.planner.sequence import sp_sizes
 from marjara.planner.setup import Setup
 from marjara.planner.shapes import flops_per_token
 

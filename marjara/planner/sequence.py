@@ -90,19 +90,6 @@ def all_to_all_bytes_per_layer(setup: Setup, micro_batch: int) -> float:
     return (n - 1) / n * local
 
 
-def add_sequence_traffic(setup: Setup, micro_batch: int, accum: int, traffic) -> None:
-    """The attention all-to-alls of one optimizer step (into a comm.Traffic), and their time on the
-    sequence group's links."""
-    from marjara.planner.comm import bandwidth  # comm imports activations, which imports this module
-
-    if setup.sp_size == 1:
-        return
-    passes = 3 if setup.grad_checkpointing else 2  # forward, backward, and the recomputed forward
-    sent = all_to_all_bytes_per_layer(setup, micro_batch) * setup.model.n_layers * passes * accum
-    traffic.sequence_all_to_all += sent
-    traffic.sequence_seconds += sent / bandwidth(setup, setup.sp_size)
-
-
 def sp_sizes(setup: Setup) -> list[int]:
     """--sp_size values worth trying, in the order a user should prefer them: powers of two from 2
     that fit in a node, then those that span nodes (whose all-to-all crosses the slower network)."""
