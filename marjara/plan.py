@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup, target, fixed_zero = setup_from_args(args)
     table, chosen = recommend(setup, target, fixed_zero)
+    setup = table[0].setup  # the table's: recommend may start at a sequence parallelism of its own
     if chosen is not None and args.write_config:
         write_config(chosen, args.write_config)
     if args.json:

@@ -79,6 +79,16 @@ def test_recommendation_splits_a_million_tokens_and_not_a_short_context():
     assert json.loads(short.stdout)["recommendation"]["sp_size"] == 1
 
 
+def test_a_batch_of_fewer_samples_than_gpus_is_spread_by_sequence_parallelism():
+    out = plan("--model_size", "1b", "--nodes", "1", "--gpus_per_node", "8", "--gpu", "H200", "--seq_len",
+               str(MILLION), "--global_batch_tokens", str(2 * MILLION), "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert {c["sp_size"] for c in result["candidates"]} == {4}  # 2 sequences: 2 groups of 4 GPUs
+    chosen = result["recommendation"]
+    assert chosen["sp_size"] == 4 and chosen["micro_batch"] * chosen["grad_accum"] * 2 == 2
+
+
 def test_given_sp_size_is_planned_as_given(tmp_path):
     args = ["--model_size", "1b", "--nodes", "1", "--gpus_per_node", "8", "--gpu", "H200", "--seq_len", str(MILLION),
             "--sp_size", "8", "--grad_checkpointing"]
@@ -104,6 +114,8 @@ def test_given_sp_size_is_planned_as_given(tmp_path):
     (["--sp_size", "8", "--model_size", "large", "--gpus_per_node", "8"], "must divide the 12 attention heads"),
     (["--offload_activations"], "--offload_activations moves the checkpointed hidden states"),
     (["--sp_size", "2", "--use_moe"], "--sp_size > 1 with --use_moe is not planned"),
+    (["--sp_size", "2", "--global_batch_tokens", "256"], "per data-parallel group (4 groups of --sp_size 2 need at "
+                                                          "least 1024)"),
 ])
 def test_bad_sequence_parallel_input_is_one_line(args, message, tmp_path):
     assert_refused_in_one_line(args, message, tmp_path)

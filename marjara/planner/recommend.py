@@ -75,10 +75,10 @@ def sequences_per_gpu(setup: Setup, target: Target) -> int | None:
     sequences = target.global_batch_tokens / setup.seq_len
     ranks = setup.data_parallel
     if sequences < ranks:
-        who = "GPU" if setup.sp_size == 1 else f"data-parallel rank (GPUs / --sp_size {setup.sp_size})"
+        who = ("GPU", "GPUs") if setup.sp_size == 1 else ("data-parallel group", f"groups of --sp_size {setup.sp_size}")
         raise MarjaraError(
             f"--global_batch_tokens {target.global_batch_tokens} is less than one sequence of {setup.seq_len} tokens per "
-            f"{who} ({ranks} {who.split(' (')[0]}s need at least {ranks * setup.seq_len}); raise it or use fewer GPUs")
+            f"{who[0]} ({ranks} {who[1]} need at least {ranks * setup.seq_len}); raise it or use fewer GPUs")
     return round(sequences / ranks)
 
 
@@ -121,13 +121,21 @@ def recommend(setup: Setup, target: Target, fixed_zero) -> tuple[list[Candidate]
     trying activation checkpointing too when nothing fits without it. When nothing fits at all and
     --sp_size was not given, sequence parallelism: the smallest size (sequence.sp_sizes' order)
     that fits without offload, without and then with checkpointing; then with ZeRO's offload;
-    then with the checkpointed activations offloaded to the host too."""
+    then with the checkpointed activations offloaded to the host too. A global batch of fewer
+    sequences than GPUs starts at the smallest sequence parallelism that spreads it over all."""
+    sizes = [] if target.sp_size_fixed else sp_sizes(setup)
+    if sizes and target.global_batch_tokens and target.global_batch_tokens / setup.seq_len < setup.world:
+        # Fewer sequences per step than GPUs: one rank per sample cannot run at all, the smallest
+        # sequence groups that give every GPU a share of a sample can.
+        enough = [n for n in sizes if target.global_batch_tokens / setup.seq_len >= setup.world // n]
+        if enough:
+            setup = replace(setup, sp_size=min(enough))
+            sizes = [n for n in sizes if n > setup.sp_size]
     table = candidates(setup, target, fixed_zero)
     chosen = next((c for c in table if c.fits), None)
     if chosen is None and not setup.grad_checkpointing:
         chosen = next((c for c in candidates(replace(setup, grad_checkpointing=True), target, fixed_zero) if c.fits), None)
     variants = [fixed_zero] if fixed_zero else VARIANTS
-    sizes = [] if target.sp_size_fixed else sp_sizes(setup)
     checkpointing = (True,) if setup.grad_checkpointing else (False, True)
     parallel = [replace(setup, sp_size=n, grad_checkpointing=ck) for n in sizes for ck in checkpointing]
     offloaded = [replace(setup, sp_size=n, grad_checkpointing=True, offload_activations=True)
