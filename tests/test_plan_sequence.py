@@ -107,12 +107,18 @@ def test_given_sp_size_is_planned_as_given(tmp_path):
     assert "--sp_size 2" in wide.stdout and "--sp_size 4" not in wide.stdout
 
 
+def test_tiled_mlp_is_said_to_be_counted_untiled():
+    out = plan("--model_size", "small", "--tiled_mlp")
+    assert out.returncode == 0, out.stderr
+    assert "tiled MLP not modelled (its activations counted untiled: an upper bound)" in out.stdout.splitlines()[0]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--sp_size", "3"], "--sp_size 3 must divide the 8 GPUs"),
     (["--sp_size", "0"], "--sp_size must be >= 1 (got 0)"),
     (["--sp_size", "4", "--seq_len", "1026"], "--seq_len 1026 must be divisible by --sp_size 4"),
     (["--sp_size", "8", "--model_size", "large", "--gpus_per_node", "8"], "must divide the 12 attention heads"),
-    (["--offload_activations"], "--offload_activations moves the checkpointed hidden states"),
+    (["--offload_activations"], "--offload_activations needs --grad_checkpointing"),
     (["--sp_size", "2", "--use_moe"], "--sp_size > 1 with --use_moe is not planned"),
     (["--sp_size", "2", "--global_batch_tokens", "256"], "per data-parallel group (4 groups of --sp_size 2 need at "
                                                           "least 1024)"),

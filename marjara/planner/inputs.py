@@ -19,7 +19,7 @@ from marjara.train.config import TrainConfig
 PLANNED_FLAGS = {"model_size", "use_moe", "num_experts", "top_k", "ep_size", "capacity_factor", "min_capacity",
                  "moe_layer_freq", "use_residual", "seq_len", "batch_size", "grad_accum", "mixed_precision",
                  "grad_checkpointing", "zero_stage", "deepspeed_config", "peak_tflops", "help", "sp_size",
-                 "offload_activations"}
+                 "offload_activations", "tiled_mlp"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +122,8 @@ def setup_from_args(args) -> tuple[Setup, Target, tuple[int, bool, bool] | None]
     fixed_accum = "grad_accum" in given or _json_sets(raw, "gradient_accumulation_steps")
     setup = Setup(config, cfg.seq_len, cfg.mixed_precision, fixed_zero[0] if fixed_zero else 0, False, False,
                   cfg.grad_checkpointing, args.nodes, args.gpus_per_node, device,
-                  zero_settings(cfg.ds_json.get("zero_optimization", {})), cfg.sp_size, cfg.offload_activations)
+                  zero_settings(cfg.ds_json.get("zero_optimization", {})), cfg.sp_size, cfg.offload_activations,
+                  cfg.tiled_mlp)
     check_sp(setup)
     target = Target(cfg.batch_size if fixed_micro else None, cfg.grad_accum if fixed_accum else None,
                     args.global_batch_tokens, args.mfu,

@@ -30,6 +30,8 @@ def _sequence_parallel(setup: Setup) -> str:
     text = ""
     if setup.offload_activations:
         text += ", checkpointed activations offloaded to host memory"
+    if setup.tiled_mlp:
+        text += ", tiled MLP not modelled (its activations counted untiled: an upper bound)"
     if setup.sp_size > 1:
         text += (f"\nsequence parallel (Ulysses): {setup.sp_size} GPUs per sample, {setup.local_seq_len} tokens each, "
                  f"{setup.data_parallel} data-parallel group(s); ZeRO partitions over all {setup.world} GPUs")

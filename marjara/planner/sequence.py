@@ -6,8 +6,8 @@ all-to-all: q, k and v go from (B, T/N, H, D) to (B, T, H/N, D), SDPA runs on th
 for H/N heads, and its output goes back. The element count per rank is the same either way, and
 SDPA's flash / memory-efficient kernels keep no T x T matrix (only the output and a log-sum-exp
 per head and token), so attention's activations per rank are those of seq_len / N tokens too.
-Key/value heads fewer than N are replicated up to N before the exchange (as ALST does), so that
-every rank receives one: the k and v that cross the all-to-all are max(kv_heads, N) heads wide.
+Key/value heads that N does not divide are replicated to lcm(kv_heads, N) before the exchange (as
+ALST does, and marjara/model/ulysses.py), so that every rank receives whole ones.
 
 What Ulysses keeps beyond the single-rank count, per local token and layer: SDPA keeps its own
 output beside the exchanged one the output projection keeps (s x d), the exchanged v is a tensor of
@@ -27,14 +27,18 @@ model states and their collectives are those of the world, not of world / N.
 
 from __future__ import annotations
 
+import math
+
 from marjara.errors import MarjaraError
 from marjara.model.config import ModelConfig
 from marjara.planner.setup import Setup
 
 
 def exchanged_kv_heads(config: ModelConfig, sp_size: int) -> int:
-    """Key/value heads the all-to-all carries: replicated up to sp_size where there are fewer."""
-    return config.n_kv_heads if sp_size == 1 else max(config.n_kv_heads, sp_size)
+    """Key/value heads the all-to-all carries: replicated to lcm(kv_heads, sp_size) where sp_size
+    does not divide them (the model's rule, marjara.model.ulysses.kv_heads_after_replication)."""
+    kv = config.n_kv_heads
+    return kv if kv % sp_size == 0 else math.lcm(kv, sp_size)
 
 
 def sp_problem(config: ModelConfig, seq_len: int, world: int, sp_size: int) -> str:
@@ -52,22 +56,14 @@ def sp_problem(config: ModelConfig, seq_len: int, world: int, sp_size: int) -> s
     if config.n_heads % sp_size:
         return (f"--sp_size {sp_size} must divide the {config.n_heads} attention heads of {config.preset}; "
                 f"pick a divisor of {config.n_heads}")
-    kv = config.n_kv_heads
-    if kv < sp_size and sp_size % kv:
-        return (f"--sp_size {sp_size} must be a multiple of the {kv} key/value heads to replicate them; "
-                f"pick a multiple or divisor of {kv}")
-    if kv > sp_size and kv % sp_size:
-        return f"--sp_size {sp_size} must divide the {kv} key/value heads; pick a divisor of {kv}"
     return ""
 
 
 def check_sp(setup: Setup) -> None:
+    """train.py's own rules (TrainConfig refuses --offload_activations without checkpointing)."""
     problem = sp_problem(setup.model, setup.seq_len, setup.world, setup.sp_size)
     if problem:
         raise MarjaraError(problem)
-    if setup.offload_activations and not setup.grad_checkpointing:
-        raise MarjaraError("--offload_activations moves the checkpointed hidden states to CPU memory; "
-                           "add --grad_checkpointing")
 
 
 def ulysses_bytes_per_token(setup: Setup) -> float:

@@ -33,6 +33,7 @@ class Setup:
     zero: dict                      # zero_optimization settings, ZERO_DEFAULTS filled in
     sp_size: int = 1                # Ulysses sequence-parallel ranks per sample (marjara/planner/sequence.py)
     offload_activations: bool = False  # checkpointed block inputs kept in host memory
+    tiled_mlp: bool = False         # not modelled: the SwiGLU's activations are counted untiled
 
     @property
     def world(self) -> int:

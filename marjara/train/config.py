@@ -94,9 +94,13 @@ class TrainConfig:
                                      shown="the JSON's, else 0", type=int, choices=[0, 1, 2, 3])
     grad_checkpointing: bool = setting(False, "recompute each transformer block in backward (deepspeed.checkpointing, "
                                        "configured by the JSON's activation_checkpointing block)", group="optimisation")
-    sp_size: int = setting(1, "Ulysses sequence-parallel ranks per sample (DeepSpeed-Ulysses)", group="optimisation")
-    offload_activations: bool = setting(False, "with --grad_checkpointing, keep the checkpointed hidden states in CPU "
-                                        "memory", group="optimisation")
+    sp_size: int = setting(1, "Ulysses sequence parallelism: each sample's seq_len tokens are split over this many "
+                           "ranks, which attend together by all-to-all; data-parallel ranks are world / sp_size "
+                           "(= sequence_parallel_size; see docs/long-context.md)", group="optimisation")
+    tiled_mlp: bool = setting(False, "run each SwiGLU over slices of d_model tokens, recomputed in backward (ALST's "
+                              "tiled MLP): for long sequences", group="optimisation")
+    offload_activations: bool = setting(False, "keep the inputs --grad_checkpointing saves of each block in CPU "
+                                        "memory (= activation_checkpointing.cpu_checkpointing)", group="optimisation")
     ema_decay: float = setting(0.0, "EMA of the weights with this decay; 0 disables", group="optimisation")
     compile: bool = setting(False, "torch.compile the model where it works", group="optimisation")
     seed: int = setting(1337, "seed of the initial weights, the data order and the sample", group="optimisation")
@@ -188,13 +192,16 @@ def _check(values: dict, given: dict) -> None:
     checked where it is merged)."""
     parse_data_arg(values["data"])  # a malformed mixture stops here, before any process group starts
     problems = []
-    for name in ("max_steps", "log_interval", "eval_batches", "max_bad_steps", "sp_size"):
+    for name in ("max_steps", "log_interval", "eval_batches", "max_bad_steps"):
         if values[name] < 1:
             problems.append(f"--{name} must be >= 1 (got {values[name]})")
     for name in ("warmup_steps", "eval_interval", "save_interval", "keep_last", "sample_tokens", "weight_decay",
                  "skip_samples"):
         if values[name] < 0:
             problems.append(f"--{name} must be >= 0 (got {values[name]})")
+    if values["offload_activations"] and not values["grad_checkpointing"] and "offload_activations" in given:
+        problems.append("--offload_activations needs --grad_checkpointing (it offloads the inputs the checkpointed "
+                        "blocks keep for their recomputation); add --grad_checkpointing")
     if values["seq_len"] is not None and values["seq_len"] < 1:
         problems.append(f"--seq_len must be >= 1 (got {values['seq_len']})")
     if not 0.0 <= values["ema_decay"] < 1.0:
