@@ -31,6 +31,44 @@ raw_value_of() {
   printf '%s' "$2"
 }
 
+# usage: parse_options SPEC... -- "$@"
+# The one argument loop of the launch scripts. Each SPEC declares an option the script accepts:
+#   --name=variable        takes a value (value_of's checks), stored in $variable
+#   --name=variable:raw    takes a value that may itself look like options (raw_value_of)
+#   --name=variable:flag   takes none, sets $variable to 1
+# -h/--help prints the script's usage() and exits 0; an unknown option stops with one line.
+# What follows the arguments' own -- (train.py's arguments) is left in the array TRAIN_ARGS.
+# shellcheck disable=SC2034  # TRAIN_ARGS is for the sourcing script to read
+parse_options() {
+  local -A variable_of=() kind_of=()
+  local spec name target value
+  while [[ $# -gt 0 && "$1" != "--" ]]; do
+    spec="$1"
+    name="${spec%%=*}"
+    target="${spec#*=}"
+    variable_of[$name]="${target%%:*}"
+    kind_of[$name]="value"
+    [[ "$target" == *:* ]] && kind_of[$name]="${target#*:}"
+    shift
+  done
+  shift  # the -- between the declarations and the arguments
+  TRAIN_ARGS=()
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      -h | --help) usage; exit 0 ;;
+      --) shift; TRAIN_ARGS=("$@"); return 0 ;;
+    esac
+    [[ -n "$1" && -n "${variable_of[$1]:-}" ]] || die "unknown option $1 (train.py arguments go after --)"
+    case "${kind_of[$1]}" in
+      flag) printf -v "${variable_of[$1]}" '%s' 1; shift; continue ;;
+      raw) value="$(raw_value_of "$@")" ;;
+      *) value="$(value_of "$@")" ;;
+    esac
+    printf -v "${variable_of[$1]}" '%s' "$value"
+    shift 2
+  done
+}
+
 require() {
   [[ -n "$2" ]] || die "$1 is required (see --help)"
 }

@@ -31,29 +31,13 @@ Environment: PYTHON, TRAIN_SCRIPT (default train.py).
 USAGE
 }
 
-launcher=""
-hostfile="$LAUNCH_DIR/hostfile"
-master_addr=""
-ssh_port=""
-world_size=""
-user_launcher_args=""
-ssh_check=1
-master_port="${MASTER_PORT:-29500}"
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    -h | --help) usage; exit 0 ;;
-    --launcher) launcher="$(value_of "$@")"; shift 2 ;;
-    --hostfile) hostfile="$(value_of "$@")"; shift 2 ;;
-    --master_addr) master_addr="$(value_of "$@")"; shift 2 ;;
-    --master_port) master_port="$(value_of "$@")"; shift 2 ;;
-    --ssh_port) ssh_port="$(value_of "$@")"; shift 2 ;;
-    --world_size) world_size="$(value_of "$@")"; shift 2 ;;
-    --launcher_args) user_launcher_args="$(raw_value_of "$@")"; shift 2 ;;
-    --skip_ssh_check) ssh_check=0; shift ;;
-    --) shift; break ;;
-    *) die "unknown option $1 (train.py arguments go after --)" ;;
-  esac
-done
+# Defaults of the options below; parse_options sets those given.
+launcher="" hostfile="$LAUNCH_DIR/hostfile" master_addr="" ssh_port="" world_size="" \
+  user_launcher_args="" skip_ssh_check="" master_port="${MASTER_PORT:-29500}"
+parse_options --launcher=launcher --hostfile=hostfile --master_addr=master_addr \
+  --master_port=master_port --ssh_port=ssh_port --world_size=world_size \
+  --launcher_args=user_launcher_args:raw --skip_ssh_check=skip_ssh_check:flag -- "$@"
+set -- "${TRAIN_ARGS[@]}"
 require --launcher "$launcher"
 require --master_addr "$master_addr"
 [[ "$launcher" == openmpi || "$launcher" == mpich ]] || die "--launcher must be openmpi or mpich, not '$launcher'"
@@ -66,7 +50,7 @@ export DS_ENV_FILE
 checks=(--launcher "$launcher" --hostfile "$hostfile" --env_file "$DS_ENV_FILE" --master_addr "$master_addr")
 [[ -n "$ssh_port" ]] && checks+=(--ssh_port "$ssh_port")
 [[ -n "$world_size" ]] && checks+=(--world_size "$world_size")
-[[ "$ssh_check" == 0 ]] && checks+=(--skip_ssh)
+[[ -n "$skip_ssh_check" ]] && checks+=(--skip_ssh)
 marjara_module marjara.preflight "${checks[@]}"
 
 # --force_multi: with a one-host hostfile DeepSpeed would otherwise drop --launcher and start the

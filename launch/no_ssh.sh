@@ -22,21 +22,11 @@ Environment: PYTHON, TRAIN_SCRIPT (default train.py), TORCH_EXTENSIONS_DIR.
 USAGE
 }
 
-hostfile="$LAUNCH_DIR/hostfile"
-node_rank=""
-master_addr=""
-master_port="${MASTER_PORT:-29500}"
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    -h | --help) usage; exit 0 ;;
-    --hostfile) hostfile="$(value_of "$@")"; shift 2 ;;
-    --node_rank) node_rank="$(value_of "$@")"; shift 2 ;;
-    --master_addr) master_addr="$(value_of "$@")"; shift 2 ;;
-    --master_port) master_port="$(value_of "$@")"; shift 2 ;;
-    --) shift; break ;;
-    *) die "unknown option $1 (train.py arguments go after --)" ;;
-  esac
-done
+# Defaults of the options below; parse_options sets those given.
+hostfile="$LAUNCH_DIR/hostfile" node_rank="" master_addr="" master_port="${MASTER_PORT:-29500}"
+parse_options --hostfile=hostfile --node_rank=node_rank --master_addr=master_addr \
+  --master_port=master_port -- "$@"
+set -- "${TRAIN_ARGS[@]}"
 require --node_rank "$node_rank"
 require --master_addr "$master_addr"
 

@@ -25,25 +25,12 @@ Environment: PYTHON, TRAIN_SCRIPT (default train.py).
 USAGE
 }
 
-hostfile="$LAUNCH_DIR/hostfile"
-master_addr=""
-ssh_port=""
-world_size=""
-ssh_check=1
-master_port="${MASTER_PORT:-29500}"
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    -h | --help) usage; exit 0 ;;
-    --hostfile) hostfile="$(value_of "$@")"; shift 2 ;;
-    --master_addr) master_addr="$(value_of "$@")"; shift 2 ;;
-    --master_port) master_port="$(value_of "$@")"; shift 2 ;;
-    --ssh_port) ssh_port="$(value_of "$@")"; shift 2 ;;
-    --world_size) world_size="$(value_of "$@")"; shift 2 ;;
-    --skip_ssh_check) ssh_check=0; shift ;;
-    --) shift; break ;;
-    *) die "unknown option $1 (train.py arguments go after --)" ;;
-  esac
-done
+# Defaults of the options below; parse_options sets those given.
+hostfile="$LAUNCH_DIR/hostfile" master_addr="" ssh_port="" world_size="" skip_ssh_check="" \
+  master_port="${MASTER_PORT:-29500}"
+parse_options --hostfile=hostfile --master_addr=master_addr --master_port=master_port \
+  --ssh_port=ssh_port --world_size=world_size --skip_ssh_check=skip_ssh_check:flag -- "$@"
+set -- "${TRAIN_ARGS[@]}"
 require --master_addr "$master_addr"
 
 # DeepSpeed pastes the working directory, the script path and the arguments into the remote
@@ -64,7 +51,7 @@ export DS_ENV_FILE
 checks=(--launcher pdsh --hostfile "$hostfile" --env_file "$DS_ENV_FILE" --master_addr "$master_addr")
 [[ -n "$ssh_port" ]] && checks+=(--ssh_port "$ssh_port")
 [[ -n "$world_size" ]] && checks+=(--world_size "$world_size")
-[[ "$ssh_check" == 0 ]] && checks+=(--skip_ssh)
+[[ -n "$skip_ssh_check" ]] && checks+=(--skip_ssh)
 marjara_module marjara.preflight "${checks[@]}"
 
 # The pre-flight check above already tried ssh with PDSH_SSH_ARGS_APPEND, which DeepSpeed's

@@ -17,17 +17,10 @@ Environment: PYTHON, TRAIN_SCRIPT (default train.py), TORCH_EXTENSIONS_DIR.
 USAGE
 }
 
-gpus=""
-master_port="${MASTER_PORT:-29500}"
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    -h | --help) usage; exit 0 ;;
-    --gpus) gpus="$(value_of "$@")"; shift 2 ;;
-    --master_port) master_port="$(value_of "$@")"; shift 2 ;;
-    --) shift; break ;;
-    *) die "unknown option $1 (train.py arguments go after --)" ;;
-  esac
-done
+# Defaults of the options below; parse_options sets those given.
+gpus="" master_port="${MASTER_PORT:-29500}"
+parse_options --gpus=gpus --master_port=master_port -- "$@"
+set -- "${TRAIN_ARGS[@]}"
 
 cmd=(deepspeed --master_port "$master_port")
 if [[ -n "$gpus" ]]; then

@@ -26,27 +26,13 @@ Environment: PYTHON, TRAIN_SCRIPT (default train.py), TORCH_EXTENSIONS_DIR.
 USAGE
 }
 
-nnodes=""
-nproc=""
-node_rank=""
-master_addr=""
-backend="static"
-rdzv_id="${SLURM_JOB_ID:-marjara}"
-master_port="${MASTER_PORT:-29500}"
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    -h | --help) usage; exit 0 ;;
-    --nnodes) nnodes="$(value_of "$@")"; shift 2 ;;
-    --nproc_per_node) nproc="$(value_of "$@")"; shift 2 ;;
-    --node_rank) node_rank="$(value_of "$@")"; shift 2 ;;
-    --master_addr) master_addr="$(value_of "$@")"; shift 2 ;;
-    --master_port) master_port="$(value_of "$@")"; shift 2 ;;
-    --rdzv_backend) backend="$(value_of "$@")"; shift 2 ;;
-    --rdzv_id) rdzv_id="$(value_of "$@")"; shift 2 ;;
-    --) shift; break ;;
-    *) die "unknown option $1 (train.py arguments go after --)" ;;
-  esac
-done
+# Defaults of the options below; parse_options sets those given.
+nnodes="" nproc="" node_rank="" master_addr="" backend="static" rdzv_id="${SLURM_JOB_ID:-marjara}" \
+  master_port="${MASTER_PORT:-29500}"
+parse_options --nnodes=nnodes --nproc_per_node=nproc --node_rank=node_rank \
+  --master_addr=master_addr --master_port=master_port --rdzv_backend=backend --rdzv_id=rdzv_id -- \
+  "$@"
+set -- "${TRAIN_ARGS[@]}"
 require --nnodes "$nnodes"
 require --nproc_per_node "$nproc"
 require --master_addr "$master_addr"

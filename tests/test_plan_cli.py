@@ -119,11 +119,16 @@ def test_written_config_is_accepted_by_deepspeed_and_train_py(tmp_path):
     (["--deepspeed_config", "missing.json"], "DeepSpeed config missing.json does not exist"),
 ])
 def test_bad_input_is_one_line_and_a_non_zero_exit(args, message, tmp_path):
-    out = plan(*args, "--write_config", str(tmp_path / "ds.json"))
+    assert_refused_in_one_line(args, message, tmp_path)
+
+
+def assert_refused_in_one_line(args: list[str], message: str, folder: Path) -> None:
+    """The plan exits 2 with one line naming the problem, and writes no --write_config into folder."""
+    out = plan(*args, "--write_config", str(folder / "ds.json"))
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
-    assert not list(tmp_path.iterdir())
+    assert not list(folder.iterdir())
 
 
 def test_planned_peak_for_a_gpu_check_is_the_tables_total_without_the_allowance():

@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass
 
 from marjara.model.head import tokens_per_chunk
+from marjara.planner.sequence import ulysses_bytes_per_token
 from marjara.planner.setup import Setup
 
 
@@ -39,6 +40,7 @@ class Activations:
     recompute: float     # under checkpointing: one block recomputed in backward, at a time
     backward: float      # gradients of one block's activations while its backward runs
     loss: float          # final norm, and one slice's logits at the loss's peak in backward
+    host: float = 0.0    # checkpointed block inputs offloaded to host memory (--offload_activations)
 
     @property
     def peak(self) -> float:
@@ -70,14 +72,20 @@ def layer_bytes_per_token(setup: Setup, moe: bool, tokens: int) -> float:
 
 
 def activations(setup: Setup, micro_batch: int) -> Activations:
+    """Per rank: under sequence parallelism each holds seq_len / sp_size tokens of every sample."""
     c, s = setup.model, setup.bytes_per_value
-    tokens = micro_batch * setup.seq_len
-    per_layer = [layer_bytes_per_token(setup, c.is_moe_layer(i), tokens) * tokens for i in range(c.n_layers)]
+    tokens = micro_batch * setup.local_seq_len
+    ulysses = ulysses_bytes_per_token(setup)
+    per_layer = [(layer_bytes_per_token(setup, c.is_moe_layer(i), tokens) + ulysses) * tokens
+                 for i in range(c.n_layers)]
     rotary = tokens * c.head_dim / 2 * 8  # complex64 rotations, shared by every layer
     chunk = min(tokens, tokens_per_chunk(c.vocab_size))
     loss = tokens * (8 + s) * c.d_model + chunk * (12 + (s if s < 4 else 0)) * c.vocab_size
     slots = expert_slots_per_token(setup, tokens) if c.use_moe else 1.0
     backward = tokens * s * (c.d_model + 2 * c.ffn_hidden_size) * slots
     if setup.grad_checkpointing:
-        return Activations(c.n_layers * tokens * s * c.d_model + rotary, max(per_layer), backward, loss)
+        inputs = c.n_layers * tokens * s * c.d_model
+        if setup.offload_activations:  # the block being recomputed has its input back: counted in its layer
+            return Activations(rotary, max(per_layer), backward, loss, host=inputs)
+        return Activations(inputs + rotary, max(per_layer), backward, loss)
     return Activations(sum(per_layer) + rotary, 0.0, backward, loss)

@@ -13,6 +13,9 @@ twice that per all-reduce. DeepSpeed 0.19's schedule, per optimizer step of `acc
 - MoE: per MoE layer and micro-batch, four all-to-alls of the dispatched tokens (dispatch and
   combine, forward and backward) inside each expert-parallel group; expert gradients and
   parameters move within the expert-data-parallel group (world / ep_size ranks).
+- Sequence parallelism (--sp_size N): per layer and micro-batch, Ulysses' four attention
+  all-to-alls inside the sequence group, which compute waits for (marjara/planner/sequence.py);
+  ZeRO's collectives stay over the whole world, as DeepSpeed partitions over data x sequence ranks.
 
 A group that fits in one node runs at the intra-node bandwidth, any other at the inter-node one
 (the slowest link of a ring sets its pace). The step time assumes communication overlaps compute
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 
 from marjara.planner.activations import expert_slots_per_token
 from marjara.planner.model_states import persistent_numels
+from marjara.planner.sequence import all_to_all_bytes_per_layer
 from marjara.planner.setup import Setup
 from marjara.planner.shapes import param_counts
 
@@ -38,10 +42,12 @@ class Traffic:
     all_gather: float = 0.0
     all_to_all: float = 0.0
     seconds: float = 0.0          # at the cluster's bandwidths
+    sequence_all_to_all: float = 0.0  # Ulysses' attention all-to-alls (marjara/planner/sequence.py)
+    sequence_seconds: float = 0.0     # their time, which compute waits for
 
     @property
     def total(self) -> float:
-        return self.all_reduce + self.reduce_scatter + self.all_gather + self.all_to_all
+        return self.all_reduce + self.reduce_scatter + self.all_gather + self.all_to_all + self.sequence_all_to_all
 
 
 def bandwidth(setup: Setup, group: int, spans_nodes: bool | None = None) -> float:
@@ -90,3 +96,14 @@ def step_traffic(setup: Setup, micro_batch: int, accum: int) -> Traffic:
         traffic.all_to_all += sent
         traffic.seconds += sent / bandwidth(setup, ep)
     return traffic
+
+
+def add_sequence_traffic(setup: Setup, micro_batch: int, accum: int, traffic: Traffic) -> None:
+    """Ulysses' attention all-to-alls of one optimizer step (marjara/planner/sequence.py), and their
+    time on the sequence group's links."""
+    if setup.sp_size == 1:
+        return
+    passes = 3 if setup.grad_checkpointing else 2  # forward, backward, and the recomputed forward
+    sent = all_to_all_bytes_per_layer(setup, micro_batch) * setup.model.n_layers * passes * accum
+    traffic.sequence_all_to_all += sent
+    traffic.sequence_seconds += sent / bandwidth(setup, setup.sp_size)

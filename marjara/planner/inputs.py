@@ -11,6 +11,7 @@ from marjara.errors import MarjaraError
 from marjara.model.config import DEFAULT_VOCAB_SIZE
 from marjara.planner.devices import DEVICES, lookup
 from marjara.planner.recommend import Target
+from marjara.planner.sequence import check_sp
 from marjara.planner.setup import Setup, zero_settings
 from marjara.train.config import TrainConfig
 from marjara.train.settings import planned_flags
@@ -120,7 +121,10 @@ def setup_from_args(args) -> tuple[Setup, Target, tuple[int, bool, bool] | None]
     fixed_accum = "grad_accum" in given or _json_sets(raw, "gradient_accumulation_steps")
     setup = Setup(config, cfg.data.seq_len, cfg.optim.mixed_precision, fixed_zero[0] if fixed_zero else 0, False, False,
                   cfg.optim.grad_checkpointing, args.nodes, args.gpus_per_node, device,
-                  zero_settings(cfg.ds_json.get("zero_optimization", {})))
+                  zero_settings(cfg.ds_json.get("zero_optimization", {})), cfg.optim.sp_size,
+                  cfg.optim.offload_activations, cfg.optim.tiled_mlp)
+    check_sp(setup)
     target = Target(cfg.optim.batch_size if fixed_micro else None, cfg.optim.grad_accum if fixed_accum else None,
-                    args.global_batch_tokens, args.mfu)
+                    args.global_batch_tokens, args.mfu,
+                    "sp_size" in given or _json_sets(raw, "sequence_parallel_size"))
     return setup, target, fixed_zero

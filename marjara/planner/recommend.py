@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from marjara.errors import MarjaraError
-from marjara.planner.comm import Traffic, step_traffic
+from marjara.planner.comm import Traffic, add_sequence_traffic, step_traffic
 from marjara.planner.memory import MemoryPlan, largest_micro_batch, plan_memory
+from marjara.planner.sequence import sp_sizes
 from marjara.planner.setup import Setup
 from marjara.planner.shapes import flops_per_token
 
@@ -42,11 +43,11 @@ class Candidate:
 
     @property
     def global_sequences(self) -> int:
-        return self.micro_batch * self.grad_accum * self.setup.world
+        return self.micro_batch * self.grad_accum * self.setup.data_parallel
 
     @property
     def step_seconds(self) -> float:
-        return max(self.compute_seconds, self.traffic.seconds)
+        return max(self.compute_seconds, self.traffic.seconds) + self.traffic.sequence_seconds
 
     @property
     def tokens_per_second(self) -> float:
@@ -59,6 +60,7 @@ class Target:
     grad_accum: int | None = None       # fixed by --grad_accum or the JSON
     global_batch_tokens: int | None = None
     mfu: float = 0.4
+    sp_size_fixed: bool = False         # --sp_size (or the JSON's sequence_parallel_size) given
 
 
 def split(per_gpu: int, max_micro: int) -> tuple[int, int]:
@@ -71,11 +73,13 @@ def sequences_per_gpu(setup: Setup, target: Target) -> int | None:
     if target.global_batch_tokens is None:
         return None
     sequences = target.global_batch_tokens / setup.seq_len
-    if sequences < setup.world:
+    ranks = setup.data_parallel
+    if sequences < ranks:
+        who = ("GPU", "GPUs") if setup.sp_size == 1 else ("data-parallel group", f"groups of --sp_size {setup.sp_size}")
         raise MarjaraError(
             f"--global_batch_tokens {target.global_batch_tokens} is less than one sequence of {setup.seq_len} tokens per "
-            f"GPU ({setup.world} GPUs need at least {setup.world * setup.seq_len}); raise it or use fewer GPUs")
-    return round(sequences / setup.world)
+            f"{who[0]} ({ranks} {who[1]} need at least {ranks * setup.seq_len}); raise it or use fewer GPUs")
+    return round(sequences / ranks)
 
 
 def evaluate(setup: Setup, target: Target) -> Candidate:
@@ -95,8 +99,10 @@ def evaluate(setup: Setup, target: Target) -> Candidate:
         accum = target.grad_accum or (max(1, round(per_gpu / micro)) if per_gpu else 1)
     memory = plan_memory(setup, micro)
     traffic = step_traffic(setup, micro, accum)
+    add_sequence_traffic(setup, micro, accum, traffic)
     recompute = 4 / 3 if setup.grad_checkpointing else 1.0  # one more forward per step
     flops = flops_per_token(setup.model, setup.seq_len) * recompute * micro * accum * setup.seq_len
+    flops /= setup.sp_size  # each rank of a sequence group: its tokens, and its heads of attention
     compute = flops / (setup.device.peak_tflops * 1e12 * target.mfu)
     return Candidate(setup, max_micro, micro, accum, memory, traffic, compute, refused)
 
@@ -106,11 +112,36 @@ def candidates(setup: Setup, target: Target, fixed_zero: tuple[int, bool, bool] 
     return [evaluate(setup.with_zero(*variant), target) for variant in variants]
 
 
+def _first_fit(setup: Setup, target: Target, variants) -> Candidate | None:
+    return next((c for c in (evaluate(setup.with_zero(*v), target) for v in variants) if c.fits), None)
+
+
 def recommend(setup: Setup, target: Target, fixed_zero) -> tuple[list[Candidate], Candidate | None]:
     """The table's candidates (under the run's checkpointing setting) and the first that fits,
-    trying activation checkpointing too when nothing fits without it."""
+    trying activation checkpointing too when nothing fits without it. When nothing fits at all and
+    --sp_size was not given, sequence parallelism: the smallest size (sequence.sp_sizes' order)
+    that fits without offload, without and then with checkpointing; then with ZeRO's offload;
+    then with the checkpointed activations offloaded to the host too. A global batch of fewer
+    sequences than GPUs starts at the smallest sequence parallelism that spreads it over all."""
+    sizes = [] if target.sp_size_fixed else sp_sizes(setup)
+    if sizes and target.global_batch_tokens and target.global_batch_tokens / setup.seq_len < setup.world:
+        # Fewer sequences per step than GPUs: one rank per sample cannot run at all, the smallest
+        # sequence groups that give every GPU a share of a sample can.
+        enough = [n for n in sizes if target.global_batch_tokens / setup.seq_len >= setup.world // n]
+        if enough:
+            setup = replace(setup, sp_size=min(enough))
+            sizes = [n for n in sizes if n > setup.sp_size]
     table = candidates(setup, target, fixed_zero)
     chosen = next((c for c in table if c.fits), None)
     if chosen is None and not setup.grad_checkpointing:
         chosen = next((c for c in candidates(replace(setup, grad_checkpointing=True), target, fixed_zero) if c.fits), None)
+    variants = [fixed_zero] if fixed_zero else VARIANTS
+    checkpointing = (True,) if setup.grad_checkpointing else (False, True)
+    parallel = [replace(setup, sp_size=n, grad_checkpointing=ck) for n in sizes for ck in checkpointing]
+    offloaded = [replace(setup, sp_size=n, grad_checkpointing=True, offload_activations=True)
+                 for n in [setup.sp_size, *sizes] if not setup.offload_activations]
+    in_memory = [v for v in variants if not (v[1] or v[2])]
+    for trials, allowed in ((parallel, in_memory), (parallel, variants), (offloaded, variants)):
+        for trial in trials:
+            chosen = chosen or _first_fit(trial, target, allowed)
     return table, chosen

@@ -18,6 +18,7 @@ def run_plan(args: argparse.Namespace) -> int:
     """Print the plan (a table, or --json); the exit status: 0, or EXIT_DOES_NOT_FIT when nothing fits."""
     setup, target, fixed_zero = setup_from_args(args)
     table, chosen = recommend(setup, target, fixed_zero)
+    setup = table[0].setup  # the table's: recommend may start at a sequence parallelism of its own
     if chosen is not None and args.write_config:
         write_config(chosen, args.write_config)
     if args.json:

@@ -31,10 +31,23 @@ class Setup:
     gpus_per_node: int
     device: Device
     zero: dict                      # zero_optimization settings, ZERO_DEFAULTS filled in
+    sp_size: int = 1                # Ulysses sequence-parallel ranks per sample (marjara/planner/sequence.py)
+    offload_activations: bool = False  # checkpointed block inputs kept in host memory
+    tiled_mlp: bool = False         # not modelled: the SwiGLU's activations are counted untiled
 
     @property
     def world(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def data_parallel(self) -> int:
+        """Ranks that read different samples: a sequence-parallel group of sp_size ranks shares one."""
+        return self.world // self.sp_size
+
+    @property
+    def local_seq_len(self) -> int:
+        """Tokens of each sample one rank holds outside attention."""
+        return self.seq_len // self.sp_size
 
     @property
     def ep_size(self) -> int:
