@@ -12,14 +12,16 @@ import torch
 
 from train_helpers import QUICK, ROOT, TRAIN, ema_weights, metrics, run_train, train_losses
 
-STEPS = 10
-RUN = QUICK + ["--max_steps", str(STEPS), "--batch_size", "4", "--ema_decay", "0.9", "--eval_interval", "5"]
+# Long enough that a SIGTERM sent once step 2 is logged lands before the last step (a tiny step
+# takes ~20 ms here).
+STEPS = 40
+RUN = QUICK + ["--max_steps", str(STEPS), "--batch_size", "4", "--ema_decay", "0.9", "--eval_interval", "20"]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    result = run_train(RUN + ["--save_interval", "4", "--keep_last", "2", "--out_dir", str(out),
+    result = run_train(RUN + ["--save_interval", "16", "--keep_last", "2", "--out_dir", str(out),
                               "--log_dir", str(out / "tb"), "--sample_tokens", "12"])
     return out, result
 
@@ -32,14 +34,14 @@ def test_loss_falls_and_the_run_leaves_checkpoint_logs_and_a_sample(uninterrupte
     assert (out / "latest").read_text() == f"global_step{STEPS}"
     assert "sample: The " in result.stdout
     evals = [m for m in metrics(out) if "val/loss" in m]
-    assert [m["step"] for m in evals] == [5, 10] and all("val/loss_ema" in m for m in evals)
+    assert [m["step"] for m in evals] == [20, 40] and all("val/loss_ema" in m for m in evals)
     assert evals[1]["val/loss"] < evals[0]["val/loss"]
 
 
 def test_keep_last_rotation_keeps_the_newest_and_latest(uninterrupted):
     out, _ = uninterrupted
     tags = sorted(p.name for p in out.glob("global_step*"))
-    assert tags == ["global_step10", "global_step8"]  # saved at 4, 8 and the end; keep_last 2
+    assert tags == ["global_step32", "global_step40"]  # saved at 16, 32 and the end; keep_last 2
 
 
 def test_tensorboard_events_are_written_and_readable(uninterrupted):
@@ -56,13 +58,13 @@ def test_tensorboard_events_are_written_and_readable(uninterrupted):
 
 def test_resume_is_step_for_step_identical(uninterrupted, tmp_path):
     out, _ = uninterrupted
-    # global_step4 was rotated away; resume from the kept step-8 checkpoint to the end.
-    run_train(RUN + ["--out_dir", str(tmp_path), "--resume", str(out / "global_step8")])
+    # global_step16 was rotated away; resume from the kept step-32 checkpoint to the end.
+    run_train(RUN + ["--out_dir", str(tmp_path), "--resume", str(out / "global_step32")])
     resumed, original = train_losses(tmp_path), train_losses(out)
-    assert sorted(resumed) == [9, 10]
+    assert sorted(resumed) == list(range(33, STEPS + 1))
     assert all(resumed[s] == original[s] for s in resumed), (resumed, original)  # bit-identical
-    for name, value in ema_weights(tmp_path / "global_step10").items():
-        assert torch.equal(value, ema_weights(out / "global_step10")[name]), name
+    for name, value in ema_weights(tmp_path / "global_step40").items():
+        assert torch.equal(value, ema_weights(out / "global_step40")[name]), name
 
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes_identically(uninterrupted, tmp_path):
