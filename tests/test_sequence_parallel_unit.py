@@ -1,5 +1,5 @@
 """The pieces of sequence parallelism that need no second rank: slicing, positions, kv-head
-replication, the layout checks, and the DeepSpeed surface marjara/compat.py relies on."""
+replication, the layout checks, and the DeepSpeed surface marjara/compat/deepspeed_sequence.py relies on."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ DeepSpeed does not document, and on a private name of either library.
 Not here, because they are file formats rather than code: the on-disk layout of DeepSpeed's
 checkpoints (file names and state-dict keys, named in marjara/checkpoint/format.py and read by
 marjara/checkpoint/zero_reader.py; tests/test_convert.py fails when it changes), and the parameter
-names DeepSpeed's MoE layer gives its experts (marjara/model/param_names.py, hf_layout.py; the
+names DeepSpeed's MoE layer gives its experts (marjara/model/param_names.py, marjara/hf/layout.py; the
 round trips of tests/test_hf_convert.py fail when they change).
 
 The version guard: TESTED is the range of each library these functions were written and tested
