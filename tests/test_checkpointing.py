@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from marjara.checkpoint import format, store as ckpt
-from marjara.checkpoint.format import CheckpointMeta, find_resume_point
+from marjara.checkpoint import format, locate, store as ckpt
+from marjara.checkpoint.format import CheckpointMeta
+from marjara.checkpoint.locate import find_resume_point
 from marjara.errors import MarjaraError
 
 
@@ -77,7 +78,7 @@ def test_an_unknown_format_version_is_refused_by_resume_and_convert(tmp_path, ve
     stored = json.loads(meta_path.read_text())
     assert stored["format_version"] == format.FORMAT_VERSION
     meta_path.write_text(json.dumps({**stored, "format_version": version}))
-    for open_it in (find_resume_point, format.open_checkpoint):
+    for open_it in (find_resume_point, locate.open_checkpoint):
         with pytest.raises(MarjaraError, match=f"has format_version {version!r}; this MARJARA reads checkpoints of "
                                                "version 1 and 2"):
             open_it(str(tmp_path))

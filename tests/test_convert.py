@@ -81,7 +81,7 @@ def test_moe_expert_parallel_export_matches_the_deepspeed_engine(tmp_path_factor
 @pytest.mark.parametrize("run", ["zero2", "zero3", "moe_ep2"])
 def test_ema_export_equals_the_trainers_ema_weights(run, tmp_path_factory, tmp_path):
     from marjara.checkpoint.ema_reader import ema_tensors
-    from marjara.checkpoint.format import open_checkpoint
+    from marjara.checkpoint.locate import open_checkpoint
 
     ckpt = checkpoint(tmp_path_factory, run)
     expected = ema_weights(ckpt / (ckpt / "latest").read_text().strip())

@@ -54,7 +54,7 @@ def args(data: Path, out: Path, stage: int, *extra: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, world, sp", [(2, 2, 1), (0, 1, 1), (2, 2, 2)])
 def test_a_poisoned_stretch_stops_the_run_and_resume_skips_past_it(tmp_path, stage, world, sp):
-    from marjara.checkpoint.format import find_resume_point
+    from marjara.checkpoint.locate import find_resume_point
     from marjara.checkpoint.verify import find_damage
 
     data, out = tmp_path / "data", tmp_path / "ck"

@@ -18,7 +18,8 @@ import torch
 
 from marjara.checkpoint.ema_reader import check_has_ema, ema_pieces
 from marjara.checkpoint.export import write_export
-from marjara.checkpoint.format import Checkpoint, open_checkpoint
+from marjara.checkpoint.format import Checkpoint
+from marjara.checkpoint.locate import open_checkpoint
 from marjara.checkpoint.pieces import Piece, assemble
 from marjara.checkpoint.verify import check_checkpoint
 from marjara.checkpoint.zero_reader import ZeroCheckpointReader

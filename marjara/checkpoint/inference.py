@@ -12,7 +12,8 @@ from typing import TextIO
 import torch
 
 from marjara.checkpoint.conversion import load_checkpoint_model
-from marjara.checkpoint.format import LATEST, is_checkpoint_dir, is_tag_dir, open_checkpoint
+from marjara.checkpoint.format import LATEST
+from marjara.checkpoint.locate import is_checkpoint_dir, is_tag_dir, open_checkpoint
 from marjara.data.tokenizer import Tokenizer, get_tokenizer
 from marjara.errors import MarjaraError
 from marjara.model import MarjaraModel

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from marjara import distributed
-from marjara.checkpoint.format import (LATEST, META_FILE, UNIVERSAL_DONE, CheckpointMeta, complete_tags,
-                                       rank_file_name, tag_for, universal_tag_for)
+from marjara.checkpoint.format import (LATEST, META_FILE, UNIVERSAL_DONE, CheckpointMeta, rank_file_name, tag_for,
+                                       universal_tag_for)
+from marjara.checkpoint.locate import complete_tags
 from marjara.checkpoint.verify import build_manifest
 from marjara.errors import MarjaraError
 from marjara.fileio import atomic_path, write_json_atomic

@@ -22,7 +22,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from marjara.checkpoint.format import META_FILE, Checkpoint, complete_tags, read_meta, tag_step
+from marjara.checkpoint.format import META_FILE, Checkpoint, read_meta, tag_step
+from marjara.checkpoint.locate import complete_tags
 from marjara.errors import AgreedError, MarjaraError
 
 ALGORITHM = "xxh3_64"

@@ -27,7 +27,8 @@ import torch
 from marjara import distributed
 from marjara.checkpoint import store
 from marjara.checkpoint.ema_reader import ema_tensors
-from marjara.checkpoint.format import Checkpoint, CheckpointMeta, RunRecord, find_resume_point
+from marjara.checkpoint.format import Checkpoint, CheckpointMeta, RunRecord
+from marjara.checkpoint.locate import find_resume_point
 from marjara.checkpoint.verify import check_checkpoint
 from marjara.compat.deepspeed import repair_universal_optimizer
 from marjara.errors import AgreedError, MarjaraError, TrainingDiverged

@@ -115,7 +115,8 @@ def stop_line(guard: NonFiniteGuard, step: int, samples_now: int, out_dir: str, 
     resume past the data that blew up (--skip_samples counts from the checkpoint resumed)."""
     from pathlib import Path
 
-    from marjara.checkpoint.format import LATEST, is_checkpoint_dir, latest_tag, read_meta
+    from marjara.checkpoint.format import LATEST, read_meta
+    from marjara.checkpoint.locate import is_checkpoint_dir, latest_tag
 
     what = (f"stopped at step {step}: {guard.in_a_row} steps in a row with a non-finite loss or gradient norm "
             f"(--max_bad_steps {guard.max_bad_steps}), from step {guard.first_bad_step} on (global sample "
