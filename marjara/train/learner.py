@@ -47,7 +47,8 @@ class Learner:
         ensure_process_group()
         self.rank, self.world = rank(), world_size()
         quiet_libraries(self.rank)
-        self.checkpointer = checkpointer = Checkpointer(cfg.checkpoint.out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.save_interval, cfg.checkpoint.resume,
+        ckpt = cfg.checkpoint
+        self.checkpointer = checkpointer = Checkpointer(ckpt.out_dir, ckpt.keep_last, ckpt.save_interval, ckpt.resume,
                                                         cfg.optim.zero_stage)
 
         init = read_folder(cfg.model.init_from) if cfg.model.init_from else None
@@ -64,8 +65,9 @@ class Learner:
         checkpointer.check_resume(self.config, self.data.tokenizer_name)
         # Every input is checked by now: a refused run has written nothing. One run per folder.
         checkpointer.claim(cfg.run.log_dir, cfg.checkpoint.overwrite)
-        self.report = Reporter(self.rank == 0, cfg.run.log_dir, Path(cfg.checkpoint.out_dir) / METRICS_FILE, cfg.optim.max_steps,
-                               checkpointer.start_step, resumed=checkpointer.resumed_from is not None)
+        self.report = Reporter(self.rank == 0, cfg.run.log_dir, Path(ckpt.out_dir) / METRICS_FILE,
+                               cfg.optim.max_steps, checkpointer.start_step,
+                               resumed=checkpointer.resumed_from is not None)
 
         torch.manual_seed(cfg.optim.seed)  # identical initial weights on every rank
         model = build_model(self.config, cfg.optim.grad_checkpointing, ds_config)
@@ -78,14 +80,18 @@ class Learner:
         if init and checkpointer.resumed_from is None:  # a resumed run has trained weights of its own
             init_from.load_init_weights(model, init, ds_config)
             self.report.print(f"initialised from {init.describe()}")
-        self.engine, group_hparams = build_engine(model, cfg, checkpointer.engine_config(ds_config), mpu=self.layout.mpu)
+        self.engine, group_hparams = build_engine(model, cfg, checkpointer.engine_config(ds_config),
+                                                  mpu=self.layout.mpu)
         self.model = self.engine.module
         self.loss_unscaled = engine_leaves_loss_unscaled(self.engine)  # ZeRO-0 fp16: see compat
         self.ema = WeightEMA(self.model, cfg.optim.ema_decay, cfg.optim.zero_stage) if cfg.optim.ema_decay > 0 else None
-        stream = TrainStream(self.data.train, cfg.optim.seed, cfg.optim.batch_size, cfg.optim.grad_accum, dp_rank, dp_world)
+        stream = TrainStream(self.data.train, cfg.optim.seed, cfg.optim.batch_size, cfg.optim.grad_accum, dp_rank,
+                             dp_world)
         self.batches = DeviceBatches(stream, self.engine.device, shard=self.layout.shard)
-        self.guard = NonFiniteGuard(cfg.run.max_bad_steps, enabled=cfg.optim.mixed_precision != "fp16", report=self.report)
-        run = RunRecord(seq_len=cfg.data.seq_len, model_config=self.config.to_dict(), tokenizer=self.data.tokenizer_name,
+        self.guard = NonFiniteGuard(cfg.run.max_bad_steps, enabled=cfg.optim.mixed_precision != "fp16",
+                                    report=self.report)
+        run = RunRecord(seq_len=cfg.data.seq_len, model_config=self.config.to_dict(),
+                        tokenizer=self.data.tokenizer_name,
                         zero_stage=cfg.optim.zero_stage, world_size=self.world, dtype=cfg.optim.mixed_precision,
                         train_args=cfg.plain_values())
         self.step = checkpointer.start(self.engine, self.ema, self.batches, self.guard, self.report, run,
@@ -127,8 +133,8 @@ class Learner:
                     return self._stop(signum)
             self.checkpointer.save_unless_saved(self.step)
             verify_replicas(self.model, self.world, cfg.optim.zero_stage, self.report)
-            print_sample(self.model, self.data.tokenizer, self.config.max_seq_len, cfg.run.sample_tokens, cfg.optim.seed,
-                         self.report)
+            print_sample(self.model, self.data.tokenizer, self.config.max_seq_len, cfg.run.sample_tokens,
+                         cfg.optim.seed, self.report)
             self.report.close()
             return 0
 
@@ -166,8 +172,8 @@ class Learner:
             samples = cfg.optim.max_steps * cfg.optim.batch_size * cfg.optim.grad_accum * self.layout.dp_world
             self.report.print(f"mixture: {self.data.train.summary(samples)}")
         return StepMeter(self.engine, self.model, self.report, self.world, tokens_per_step,
-                         self.model.flops_per_token(cfg.data.seq_len), peak, cfg.optim.mixed_precision, cfg.optim.zero_stage,
-                         cfg.run.log_interval, cfg.optim.max_steps)
+                         self.model.flops_per_token(cfg.data.seq_len), peak, cfg.optim.mixed_precision,
+                         cfg.optim.zero_stage, cfg.run.log_interval, cfg.optim.max_steps)
 
     def _stop_non_finite(self) -> int:
         if self.rank == 0:
@@ -179,7 +185,8 @@ class Learner:
 
     def _stop(self, signum: int) -> int:
         self.checkpointer.save_unless_saved(self.step)
-        self.report.print(f"{signal.Signals(signum).name}: saved checkpoint at step {self.step} in {self.cfg.checkpoint.out_dir}; "
-                          f"continue with --resume {self.cfg.checkpoint.out_dir}")
+        out_dir = self.cfg.checkpoint.out_dir
+        self.report.print(f"{signal.Signals(signum).name}: saved checkpoint at step {self.step} in {out_dir}; "
+                          f"continue with --resume {out_dir}")
         self.report.close()
         return 128 + signum
