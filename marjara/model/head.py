@@ -48,15 +48,6 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, target
     return total, (targets != -1).sum()
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk_tokens: int) -> torch.Tensor:
-    """Mean cross-entropy of `hidden @ weight.T` against `targets` (-1 ignored), like
-    `F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=-1)`, with at most
-    `chunk_tokens` tokens' logits alive at once."""
-    total, count = chunked_cross_entropy_sum(hidden, weight, targets, chunk_tokens)
-    return total / count
-
-
 class OutputHead(nn.Linear):
     """hidden -> logits, or with targets (summed cross-entropy, target count) without the whole
     batch's logits.

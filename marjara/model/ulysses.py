@@ -43,7 +43,6 @@ class UlyssesAttention:
     def __init__(self, group, sp_size: int, n_heads: int, n_kv_heads: int) -> None:
         from deepspeed.sequence.layer import DistributedAttention
 
-        self.sp_size = sp_size
         self.kv_repeat = kv_heads_after_replication(n_heads, n_kv_heads, sp_size) // n_kv_heads
         self._dropout_p = 0.0
         # scatter the heads (dim 2), gather the sequence (dim 1) of (B, T/N, H, D)

@@ -27,18 +27,15 @@ model states and their collectives are those of the world, not of world / N.
 
 from __future__ import annotations
 
-import math
-
 from marjara.errors import MarjaraError
 from marjara.model.config import ModelConfig
+from marjara.model.ulysses import kv_heads_after_replication
 from marjara.planner.setup import Setup
 
 
 def exchanged_kv_heads(config: ModelConfig, sp_size: int) -> int:
-    """Key/value heads the all-to-all carries: replicated to lcm(kv_heads, sp_size) where sp_size
-    does not divide them (the model's rule, marjara.model.ulysses.kv_heads_after_replication)."""
-    kv = config.n_kv_heads
-    return kv if kv % sp_size == 0 else math.lcm(kv, sp_size)
+    """Key/value heads the all-to-all carries: the model's, replicated as the model does."""
+    return kv_heads_after_replication(config.n_heads, config.n_kv_heads, sp_size)
 
 
 def sp_problem(config: ModelConfig, seq_len: int, world: int, sp_size: int) -> str:

@@ -1,6 +1,6 @@
 """Parameter counts and FLOPs of a MarjaraModel, from its ModelConfig alone (no weights built).
 
-tests/test_plan_shapes.py holds these equal to what a real MarjaraModel counts, so the two cannot
+tests/test_plan_cli.py holds these equal to what a real MarjaraModel counts, so the two cannot
 drift apart silently.
 """
 

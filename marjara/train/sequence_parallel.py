@@ -51,19 +51,21 @@ def check_layout(sp_size: int, config: ModelConfig, seq_len: int, world: int) ->
 
 
 class _SampleMean(torch.autograd.Function):
-    """Forward: the sum of every sequence rank's `local_sum`, / count. Backward: this rank's own
+    """Forward: the sum of every sequence rank's `local_sum` / the sum of their `local_count`, both
+    in one all-reduce (float64: a count past 2**24 tokens stays exact). Backward: this rank's own
     share only (each rank's gradient covers its tokens; DeepSpeed adds the ranks' gradients up),
     times grad_scale."""
 
     @staticmethod
-    def forward(ctx, local_sum, count, group, grad_scale):
+    def forward(ctx, local_sum, local_count, group, grad_scale):
+        totals = distributed.all_reduce(torch.stack([local_sum.double(), local_count.double()]), group=group)
+        count = totals[1].clamp(min=1)
         ctx.scale = grad_scale / count
-        total = distributed.all_reduce(local_sum, group=group).to(local_sum.device)
-        return total / count
+        return (totals[0] / count).to(local_sum.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad * ctx.scale, None, None, None
+        return grad * ctx.scale.to(grad.dtype), None, None, None
 
 
 class SequenceParallel:
@@ -79,8 +81,7 @@ class SequenceParallel:
 
     def sample_mean(self, local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Tensor:
         """The sample's mean cross-entropy from this slice's summed cross-entropy and target count."""
-        count = distributed.all_reduce(local_count, group=self.group).to(local_sum.device)
-        return _SampleMean.apply(local_sum, count.clamp(min=1).to(local_sum.dtype), self.group, self.grad_scale)
+        return _SampleMean.apply(local_sum, local_count, self.group, self.grad_scale)
 
     def shard(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's slice of a (B, T) micro-batch whose y is already x shifted over the whole sample."""
