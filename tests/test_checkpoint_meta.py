@@ -58,7 +58,9 @@ def test_version_1_without_manifest_or_later_keys_still_reads(tmp_path):
     ({"model_config": [64]}, ": model_config is [64], not a JSON object"),
     ({"dtype": "int8"}, ": dtype is 'int8', not one of fp32, bf16, fp16"),
     ({"ema": {"decay": 0.9, "layout": "sharded"}}, ": ema is {'decay': 0.9, 'layout': 'sharded'}, not null or"),
-    ({"files": "all"}, ": files is 'all', not a JSON object"),
+    ({"files": "all"}, ": files is 'all', not a manifest"),
+    ({"files": {"algorithm": "xxh3_64", "files": {"mp_rank_00_model_states.pt": {}}}}, ": files is a dict, not a manifest"),
+    ({"files": {"algorithm": "xxh3_64"}}, ": files is {'algorithm': 'xxh3_64'}, not a manifest"),
 ])
 def test_a_missing_or_wrong_typed_key_is_one_line_naming_it(tmp_path, change, expected):
     fields = {key: value for key, value in {**WRITTEN_BEFORE, **change}.items() if value is not None}

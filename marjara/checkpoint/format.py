@@ -30,8 +30,8 @@ the EMA layouts say how those tensors spread over ranks:
     "zero3_shards"  (ZeRO-3) each rank holds a flat shard of every parameter: the parameter is
                     the concatenation in rank order, truncated to its size (the last are padded).
 
-Resume, convert and every loader open a checkpoint through this module, so all of them check
-format_version the same way.
+Resume, convert and every loader read marjara.json through read_meta here (marjara/checkpoint/
+locate.py finds and opens the tag), so all of them check format_version and the schema the same way.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from marjara.dtypes import PRECISIONS
 from marjara.errors import MarjaraError
 from marjara.fileio import read_json_object
 from marjara.model.config import ModelConfig
@@ -54,7 +55,7 @@ UNIVERSAL_SUFFIX = "_universal"
 UNIVERSAL_DONE = "marjara_universal.ok"  # in a universal copy: the conversion finished
 REQUIRED_KEYS = ("step", "samples_consumed", "model_config", "tokenizer", "zero_stage", "world_size", "dtype")
 HALF_DTYPES = ("bf16", "fp16")
-DTYPES = ("fp32",) + HALF_DTYPES
+DTYPES = tuple(PRECISIONS)
 EMA_REPLICATED, EMA_ZERO3_SHARDS = "replicated", "zero3_shards"
 EMA_LAYOUTS = (EMA_REPLICATED, EMA_ZERO3_SHARDS)
 _TAG = re.compile(r"^global_step(\d+)$")
@@ -101,6 +102,14 @@ def _is_ema(value) -> bool:
             and not isinstance(value.get("decay"), bool) and value.get("layout") in EMA_LAYOUTS)
 
 
+def _is_manifest(value) -> bool:
+    """{"algorithm": name, "files": {file: {"bytes": size, <algorithm>: digest}}}."""
+    if not (isinstance(value, dict) and isinstance(value.get("algorithm"), str) and isinstance(value.get("files"), dict)):
+        return False
+    return all(isinstance(entry, dict) and _is_int(entry.get("bytes"), 0)
+               and isinstance(entry.get(value["algorithm"]), str) for entry in value["files"].values())
+
+
 # What each key's value must be: (test, the phrase an error line uses). None passes an optional key.
 _SCHEMA = {
     "step": (lambda v: _is_int(v, 0), "a non-negative integer"),
@@ -114,7 +123,7 @@ _SCHEMA = {
     "dtype": (lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
     "train_args": (lambda v: v is None or isinstance(v, dict), "a JSON object or null"),
     "ema": (lambda v: v is None or _is_ema(v), f"null or {{\"decay\": number, \"layout\": {' | '.join(EMA_LAYOUTS)}}}"),
-    FILES_KEY: (lambda v: v is None or isinstance(v, dict), "a JSON object"),
+    FILES_KEY: (_is_manifest, "a manifest {\"algorithm\", \"files\": {name: {\"bytes\", <algorithm>}}}"),
 }
 
 
@@ -148,7 +157,7 @@ class RunRecord:
 
 @dataclass(frozen=True)
 class CheckpointMeta:
-    """marjara.json (the schema above); read and written only here, so every key is spelled once."""
+    """marjara.json (the schema above); read and written only here."""
 
     step: int
     samples_consumed: int
